@@ -1,0 +1,1 @@
+"""Curation: Spark jobs that turn raw crawls into clean, labelled documents."""

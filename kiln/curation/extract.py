@@ -1,0 +1,143 @@
+"""Extraction: raw HTML to main-content text with trafilatura.
+
+Charset: the HTTP header's charset, then a `<meta charset>` in the page, then
+cChardet's guess, each tried strictly; a page none of them decodes is dropped as
+`undecodable`. trafilatura runs in datatrove's `ExtractorSandbox`, a child process
+per Spark task that is killed and restarted when a page takes longer than the
+timeout: regex backtracking inside lxml or `re` cannot be interrupted in-process.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import re
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+from kiln.curation import schema
+from kiln.curation.stage import Stage, output_schema, set_columns
+
+META_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
+MIN_DETECT_CONFIDENCE = 0.5
+
+
+@dataclass
+class ExtractConfig:
+    timeout_s: float = 5.0  # per-page extraction time limit; slower pages are dropped as extract_timeout
+    max_html_bytes: int = 2_000_000  # larger pages are dropped as html_too_large (checked by the reader)
+    favor_precision: bool = False  # trafilatura: prefer less text with less boilerplate
+    favor_recall: bool = False  # trafilatura: prefer more text
+    include_comments: bool = False  # trafilatura: keep user comment sections
+    include_tables: bool = True  # trafilatura: keep table text
+    deduplicate: bool = False  # trafilatura: drop repeated segments within a page
+
+    def trafilatura_kwargs(self) -> dict:
+        d = asdict(self)
+        d.pop("timeout_s")
+        d.pop("max_html_bytes")
+        return d
+
+
+def _codec(name: str | bytes | None) -> str | None:
+    if not name:
+        return None
+    if isinstance(name, bytes):
+        name = name.decode("ascii", "ignore")
+    try:
+        return codecs.lookup(name.strip()).name
+    except LookupError:
+        return None
+
+
+def decode_html(data: bytes, declared: str | None = None) -> tuple[str, str] | None:
+    """(text, codec) for page bytes, or None when no candidate charset decodes them."""
+    tried = []
+    meta = META_CHARSET.search(data[:4096])
+    for candidate in (declared, meta.group(1) if meta else None, "utf-8"):
+        name = _codec(candidate)
+        if name and name not in tried:
+            tried.append(name)
+            try:
+                return data.decode(name), name
+            except (UnicodeDecodeError, LookupError):
+                pass
+    import cchardet
+
+    guess = cchardet.detect(data)
+    name = _codec(guess.get("encoding"))
+    if name and name not in tried and (guess.get("confidence") or 0) >= MIN_DETECT_CONFIDENCE:
+        try:
+            return data.decode(name), name
+        except (UnicodeDecodeError, LookupError):
+            pass
+    return None
+
+
+def extract_main_content(html: str, url: str | None = None, **options) -> tuple[str, str | None] | None:
+    """trafilatura's main content and the page title; None when it finds no content."""
+    import trafilatura
+
+    if not html:
+        return None
+    doc = trafilatura.bare_extraction(html, url=url, with_metadata=True, **options)
+    if doc is None or not doc.text:
+        return None
+    return doc.text, doc.title
+
+
+class ExtractStage(Stage):
+    name = "extract"
+
+    def __init__(self, cfg: ExtractConfig | None = None):
+        self.cfg = cfg or ExtractConfig()
+
+    def settings(self) -> dict:
+        return asdict(self.cfg)
+
+    def removed_fields(self) -> list[str]:
+        return [schema.HTML]
+
+    def output_fields(self) -> list[pa.Field]:
+        return [pa.field(schema.TEXT, pa.string()), pa.field(schema.TITLE, pa.string()),
+                pa.field(schema.CHARSET, pa.string())]
+
+    def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        import trafilatura  # noqa: F401 - imported before the sandbox forks, so the child starts warm
+        from datatrove.pipeline.extractors.base import ExtractorSandbox
+        from loguru import logger
+
+        logger.disable("datatrove")  # the sandbox logs at INFO on every exit
+
+        out_schema = output_schema(self, batch.schema)
+        data = batch.to_pydict()
+        texts, titles, charsets = list(data[schema.TEXT]), [None] * batch.num_rows, list(data[schema.CHARSET])
+        reasons = list(data[schema.DROP_REASON])
+        fn = functools.partial(extract_main_content, **self.cfg.trafilatura_kwargs())
+        with ExtractorSandbox(timeout=self.cfg.timeout_s) as sandbox:
+            for i, html in enumerate(data[schema.HTML]):
+                if reasons[i] is not None or html is None:
+                    continue  # dropped by the reader, or a text-only input
+                decoded = decode_html(html, charsets[i])
+                if decoded is None:
+                    reasons[i] = "undecodable"
+                    continue
+                page, charsets[i] = decoded
+                try:
+                    result = sandbox.process_document((page, data[schema.URL][i]), fn)
+                except TimeoutError:
+                    reasons[i] = "extract_timeout"
+                    continue
+                except EOFError:  # the child died, e.g. out of memory on a pathological page
+                    reasons[i] = "extract_crashed"
+                    continue
+                except Exception:  # noqa: BLE001 - trafilatura's own failure on a page
+                    reasons[i] = "extract_error"
+                    continue
+                if result is None:
+                    reasons[i] = "extract_empty"
+                else:
+                    texts[i], titles[i] = result
+        return set_columns(batch, out_schema, {schema.TEXT: texts, schema.TITLE: titles,
+                                               schema.CHARSET: charsets, schema.DROP_REASON: reasons})

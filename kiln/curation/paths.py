@@ -1,0 +1,91 @@
+"""Input discovery and small driver-side files (stats.json), local or remote (fsspec)."""
+
+from __future__ import annotations
+
+import fsspec
+
+from kiln.config import ConfigError
+
+WARC_SUFFIXES = (".warc", ".warc.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+KNOWN_SUFFIXES = WARC_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+
+def detect_format(path: str) -> str:
+    name = path.lower()
+    for fmt, suffixes in (("warc", WARC_SUFFIXES), ("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+        if name.endswith(suffixes):
+            return fmt
+    raise ConfigError(f"{path}: cannot tell the input format from the name; pass --format")
+
+
+def expand_inputs(paths: list[str]) -> list[str]:
+    """Files under the given paths (files, directories or globs), sorted.
+
+    A path that matches nothing is an error naming it: a typo must not turn into an
+    empty corpus that 'succeeds'.
+    """
+    if not paths:
+        raise ConfigError("no input paths given")
+    files: list[str] = []
+    for path in paths:
+        fs, root = fsspec.core.url_to_fs(path)
+        protocol = "" if fs.protocol in ("file", ("file", "local")) else f"{_protocol(fs)}://"
+        if any(ch in path for ch in "*?["):
+            matched = sorted(fs.glob(root))
+            if not matched:
+                raise ConfigError(f"{path}: no input file matches this pattern")
+            files.extend(protocol + m for m in matched if fs.isfile(m))
+        elif fs.isdir(root):
+            found = sorted(
+                f for f in fs.find(root)
+                if f.lower().endswith(KNOWN_SUFFIXES) and not _hidden(f[len(root):])
+            )
+            if not found:
+                raise ConfigError(f"{path}: directory holds no WARC, JSONL or Parquet files")
+            files.extend(protocol + f for f in found)
+        elif fs.isfile(root):
+            files.append(path if protocol else fs._strip_protocol(root))
+        else:
+            raise ConfigError(f"{path}: input path does not exist")
+    return files
+
+
+def _protocol(fs) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def _hidden(rel: str) -> bool:
+    # Spark's own convention: names starting with _ or . are metadata (_SUCCESS, _dropped/).
+    return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
+
+
+def open_binary(path: str):
+    """A seekable binary file. warcio reads empty payloads through fsspec's local file
+    object, so local paths use the built-in open and remote ones a buffered reader."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if _protocol(fs) in ("file", "local"):
+        return open(root, "rb")
+    import io
+
+    return io.BufferedReader(fs.open(root, "rb"))
+
+
+def write_text(path: str, text: str) -> None:
+    with fsspec.open(path, "w") as f:
+        f.write(text)
+
+
+def read_text(path: str) -> str:
+    with fsspec.open(path, "r") as f:
+        return f.read()
+
+
+def exists(path: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs.exists(root)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])

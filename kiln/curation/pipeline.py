@@ -1,0 +1,152 @@
+"""Chaining stages in one Spark application, from a TOML recipe or from the CLI.
+
+    [pipeline]
+    input = ["data/sample.warc.gz"]
+    output = "out/demo"
+    stages = ["extract", "langid", "filter"]
+    write_dropped = true
+
+    [read]      # ReadConfig     [extract]  # ExtractConfig
+    [langid]    # LangIdConfig   [filter.gopher_quality] ...  # see kiln.curation.filters
+
+Each stage writes `OUT/NN_<stage>/{docs,dropped,stats.json}`; the run ends with the
+funnel printed and saved as `OUT/funnel.json`. A relaunch reuses every stage whose
+stats.json records the same input and settings (a fingerprint chained through the
+stages) and recomputes from the first one that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+
+from kiln.config import ConfigError, from_dict, load_toml
+from kiln.curation import paths, schema
+from kiln.curation.extract import ExtractConfig, ExtractStage
+from kiln.curation.filters import FilterStage, filter_specs
+from kiln.curation.langid import LangIdConfig, LangIdStage
+from kiln.curation.readers import ReadConfig, read_raw
+from kiln.curation.stage import DOCS_DIR, Stage, completed_stage, run_stage
+from kiln.curation.stats import StageStats, format_funnel
+
+STAGE_NAMES = ["extract", "langid", "filter"]
+
+
+@dataclass
+class PipelineConfig:
+    input: list[str] = field(default_factory=list)  # input files, directories or globs
+    output: str = ""  # output directory; one subdirectory per stage
+    stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))  # stages to run, in order
+    write_dropped: bool = False  # also write dropped documents, with their reason, to NN_stage/dropped/
+    resume: bool = True  # reuse finished stages whose input and settings match
+
+
+@dataclass
+class Recipe:
+    pipeline: PipelineConfig
+    read: ReadConfig
+    extract: ExtractConfig
+    langid: LangIdConfig
+    filter: dict  # raw [filter] table, checked by filter_specs()
+
+
+SECTIONS = ("pipeline", "read", "extract", "langid", "filter")
+
+
+def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})")
+    recipe = Recipe(
+        pipeline=from_dict(PipelineConfig, data.get("pipeline", {}), f"{where}: [pipeline]"),
+        read=from_dict(ReadConfig, data.get("read", {}), f"{where}: [read]"),
+        extract=from_dict(ExtractConfig, data.get("extract", {}), f"{where}: [extract]"),
+        langid=from_dict(LangIdConfig, data.get("langid", {}), f"{where}: [langid]"),
+        filter=data.get("filter", {}),
+    )
+    bad = [s for s in recipe.pipeline.stages if s not in STAGE_NAMES]
+    if bad:
+        raise ConfigError(f"{where}: [pipeline] stages: unknown stage {bad[0]!r} (known: {', '.join(STAGE_NAMES)})")
+    try:
+        filter_specs(recipe.filter)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+    return recipe
+
+
+def load_recipe(path: str) -> Recipe:
+    return parse_recipe(load_toml(path), where=str(path))
+
+
+def build_stage(name: str, recipe: Recipe) -> Stage:
+    if name == "extract":
+        recipe.read.max_html_bytes = recipe.extract.max_html_bytes
+        return ExtractStage(recipe.extract)
+    if name == "langid":
+        return LangIdStage(recipe.langid)
+    if name == "filter":
+        return FilterStage(filter_specs(recipe.filter))
+    raise ConfigError(f"unknown stage {name!r}")
+
+
+def read_documents(spark, inputs: list[str]):
+    """A kiln document table: stage output directories (their docs/) or Parquet files."""
+    resolved = []
+    for p in inputs:
+        docs = paths.join(p, DOCS_DIR)
+        resolved.append(docs if paths.exists(paths.join(p, "stats.json")) and paths.exists(docs) else p)
+    files = paths.expand_inputs(resolved)
+    df = spark.read.parquet(*files)
+    missing = schema.missing_columns(df.columns, [schema.ID, schema.TEXT])
+    if missing:
+        raise ConfigError(f"{inputs[0]}: not a kiln document table: missing column {missing[0]!r}")
+    return df
+
+
+def _fingerprint(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def run(spark, recipe: Recipe, stage_dirs: bool = True, log=None) -> list[StageStats]:
+    """Run the recipe's stages; `stage_dirs=False` writes a single stage straight to `output`."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    cfg = recipe.pipeline
+    if not cfg.input:
+        raise ConfigError("no input: set [pipeline] input or pass --input")
+    if not cfg.output:
+        raise ConfigError("no output: set [pipeline] output or pass --output")
+    stages = [build_stage(name, recipe) for name in cfg.stages]  # fails before any Spark work
+    first_is_extract = cfg.stages[0] == "extract"
+    files = paths.expand_inputs(cfg.input)
+    fingerprint = _fingerprint(*files, json.dumps(recipe.read.__dict__, sort_keys=True))
+    all_stats: list[StageStats] = []
+    df = None
+    previous = None
+    reusing = cfg.resume
+    for i, stage in enumerate(stages):
+        out_dir = paths.join(cfg.output, f"{i + 1:02d}_{stage.name}") if stage_dirs else cfg.output
+        fingerprint = _fingerprint(fingerprint, stage.fingerprint())
+        done = completed_stage(spark, out_dir, fingerprint) if reusing else None
+        if done is not None:
+            log(f"[{stage.name}] reusing finished output in {out_dir}")
+            result = done
+        else:
+            reusing = False  # everything after a recomputed stage is recomputed too
+            if df is None:
+                df = read_raw(spark, cfg.input, recipe.read) if first_is_extract and i == 0 else read_documents(spark, cfg.input)
+            result = run_stage(spark, stage, df, out_dir, cfg.write_dropped, fingerprint, log)
+        all_stats.append(result.stats)
+        if previous is not None:
+            previous.unpersist()
+        previous = result
+        df = result.kept
+    if previous is not None:
+        previous.unpersist()
+    funnel = format_funnel(all_stats)
+    print(funnel, flush=True)
+    if stage_dirs:
+        paths.write_text(paths.join(cfg.output, "funnel.json"),
+                         json.dumps([json.loads(s.to_json()) for s in all_stats], indent=2))
+    return all_stats

@@ -1,0 +1,40 @@
+"""One place that builds the SparkSession.
+
+A local run (`kiln curate ...`) starts `local[*]` itself; under spark-submit the
+master and resources come from spark-submit and are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+
+def launched_by_spark_submit() -> bool:
+    # spark-submit starts the JVM first and hands its gateway to the Python driver.
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def get_spark(app_name: str = "kiln", master: str | None = None) -> SparkSession:
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Python workers must run this interpreter (with kiln's dependencies), not `python3`.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name)
+    if not launched_by_spark_submit():
+        builder = builder.master(master or os.environ.get("KILN_SPARK_MASTER", "local[*]"))
+        builder = (
+            builder.config("spark.driver.memory", os.environ.get("KILN_DRIVER_MEMORY", "4g"))
+            .config("spark.ui.enabled", "false")
+            .config("spark.sql.shuffle.partitions", str(2 * (os.cpu_count() or 2)))
+        )
+    # HTML rows are large; smaller Arrow batches keep a Python worker's memory flat.
+    builder = builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "512")
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("KILN_SPARK_LOG_LEVEL", "ERROR"))
+    return spark

@@ -1,0 +1,149 @@
+"""The one place that runs a stage over Spark and accounts for it.
+
+A stage is a small object with `name`, `output_schema(input_schema)` and
+`process(batch) -> batch`: per partition, on Arrow batches, one output row per
+input row, with `drop_reason` set on the rows it drops. `prepare(spark, df)` is
+the hook for a first pass over the corpus (the token-KL reference) or for
+shipping a model file to executors. `run_stage` persists the result once, counts
+it (stats.json), writes kept rows to `OUT/docs/` and, when asked, dropped rows
+with their reason to `OUT/dropped/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from kiln.curation import paths, schema
+from kiln.curation.stats import StageStats, collect_stats
+
+DOCS_DIR, DROPPED_DIR, STATS_FILE = "docs", "dropped", "stats.json"
+
+
+class Stage:
+    name: str = "stage"
+
+    def prepare(self, spark: SparkSession, df: DataFrame) -> None:
+        """Driver-side work before the stage runs (first passes, shipping files)."""
+
+    def output_fields(self) -> list[pa.Field]:
+        """Columns this stage adds (or replaces)."""
+        return []
+
+    def removed_fields(self) -> list[str]:
+        """Input columns this stage does not pass on (the extract stage's raw HTML)."""
+        return []
+
+    def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """Identifies the stage's settings, so a relaunch reuses only matching outputs."""
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def settings(self) -> dict:
+        return {}
+
+
+def with_drop_columns(arrow_schema: pa.Schema) -> pa.Schema:
+    for name, typ in ((schema.DROP_REASON, pa.string()), (schema.IN_BYTES, pa.int64())):
+        if name not in arrow_schema.names:
+            arrow_schema = arrow_schema.append(pa.field(name, typ))
+    return arrow_schema
+
+
+def output_schema(stage: Stage, input_schema: pa.Schema) -> pa.Schema:
+    out = pa.schema([f for f in input_schema if f.name not in stage.removed_fields()])
+    for f in stage.output_fields():
+        if f.name in out.names:
+            out = out.set(out.get_field_index(f.name), f)
+        else:
+            out = out.append(f)
+    return with_drop_columns(out)
+
+
+def set_columns(batch: pa.RecordBatch, out_schema: pa.Schema, columns: dict[str, list]) -> pa.RecordBatch:
+    """`batch` with `columns` replaced or added, in `out_schema`'s order."""
+    arrays = []
+    for field in out_schema:
+        if field.name in columns:
+            arrays.append(pa.array(columns[field.name], type=field.type))
+        else:
+            arrays.append(batch.column(field.name))
+    return pa.RecordBatch.from_arrays(arrays, schema=out_schema)
+
+
+def apply_stage(stage: Stage, df: DataFrame) -> DataFrame:
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    in_schema = to_arrow_schema(df.schema, timezone="UTC")
+    out_schema = output_schema(stage, in_schema)
+
+    def run(batches):
+        for batch in batches:
+            yield stage.process(batch)
+
+    return df.mapInArrow(run, schema.spark_type(out_schema))
+
+
+def text_bytes(texts: list[str | None]) -> list[int]:
+    return [len(t.encode("utf-8", "surrogatepass")) if t else 0 for t in texts]
+
+
+@dataclass
+class StageResult:
+    kept: DataFrame
+    stats: StageStats
+    result: DataFrame | None = None  # persisted stage output; release with unpersist()
+
+    def unpersist(self) -> None:
+        if self.result is not None:
+            self.result.unpersist()
+
+
+def run_stage(spark: SparkSession, stage: Stage, df: DataFrame, out_dir: str | None,
+              write_dropped: bool = False, fingerprint: str = "", log=None) -> StageResult:
+    log = log or _log
+    t0 = time.time()
+    log(f"[{stage.name}] preparing")
+    stage.prepare(spark, df)
+    result = apply_stage(stage, df).persist(StorageLevel.MEMORY_AND_DISK)
+    log(f"[{stage.name}] running")
+    stats = collect_stats(stage.name, result)
+    stats.extra["seconds"] = round(time.time() - t0, 2)
+    stats.extra["fingerprint"] = fingerprint or stage.fingerprint()
+    stats.extra["settings"] = stage.settings()
+    kept = result.where(F.col(schema.DROP_REASON).isNull()).drop(schema.DROP_REASON, schema.IN_BYTES)
+    if out_dir:
+        kept.write.mode("overwrite").parquet(paths.join(out_dir, DOCS_DIR))
+        if write_dropped:
+            (result.where(F.col(schema.DROP_REASON).isNotNull()).drop(schema.IN_BYTES)
+             .write.mode("overwrite").parquet(paths.join(out_dir, DROPPED_DIR)))
+        # Written last: its presence marks the stage's output as complete.
+        paths.write_text(paths.join(out_dir, STATS_FILE), stats.to_json())
+    log(f"[{stage.name}] in={stats.docs_in} kept={stats.kept} dropped={stats.dropped_total} "
+        f"({stats.extra['seconds']:.1f}s)")
+    return StageResult(kept=kept, stats=stats, result=result)
+
+
+def completed_stage(spark: SparkSession, out_dir: str, fingerprint: str) -> StageResult | None:
+    """A finished earlier run of this stage on the same input and settings, if there is one."""
+    stats_path = paths.join(out_dir, STATS_FILE)
+    if not paths.exists(stats_path):
+        return None
+    stats = StageStats.from_json(paths.read_text(stats_path))
+    if stats.extra.get("fingerprint") != fingerprint:
+        return None
+    return StageResult(kept=spark.read.parquet(paths.join(out_dir, DOCS_DIR)), stats=stats)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
