@@ -73,3 +73,21 @@ def write_warc(path: Path, records: list[dict]) -> Path:
             )
             writer.write_record(record)
     return path
+
+
+def locale_sentences(lang: str, min_chars: int = 60, limit: int = 40) -> list[str]:
+    """Translated messages from the machine's gettext catalogues: real text in `lang`."""
+    import gettext
+
+    out = []
+    for mo in sorted(Path(f"/usr/share/locale/{lang}/LC_MESSAGES").glob("*.mo")):
+        try:
+            catalog = gettext.GNUTranslations(open(mo, "rb"))._catalog
+        except Exception:  # noqa: BLE001 - a catalogue this parser cannot read
+            continue
+        for key, value in sorted(catalog.items(), key=lambda kv: str(kv[0])):
+            if key and isinstance(value, str) and len(value) >= min_chars and "%" not in value:
+                out.append(" ".join(value.split()))
+                if len(out) >= limit:
+                    return out
+    return out

@@ -72,6 +72,25 @@ def open_binary(path: str):
     return io.BufferedReader(fs.open(root, "rb"))
 
 
+def open_lines(path: str):
+    """A binary, line-iterable reader for plain, .gz or .zst files."""
+    import io
+
+    raw = open_binary(path)
+    name = path.lower()
+    if name.endswith(".gz"):
+        import gzip
+
+        return gzip.GzipFile(fileobj=raw)
+    if name.endswith(".zst"):
+        import zstandard
+
+        # fsspec's zstd file cannot iterate lines; a buffered stream reader can.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                                           closefd=True))
+    return raw
+
+
 def write_text(path: str, text: str) -> None:
     with fsspec.open(path, "w") as f:
         f.write(text)

@@ -132,6 +132,7 @@ def read_warc(path: str, cfg: ReadConfig) -> Iterator[pa.RecordBatch]:
     gz = path.lower().endswith(".gz")
     magic = GZIP_MAGIC if gz else WARC_MAGIC
     with paths.open_binary(path) as f:
+        size = f.seek(0, 2)
         offset = 0
         while offset is not None:
             f.seek(offset)
@@ -139,18 +140,27 @@ def read_warc(path: str, cfg: ReadConfig) -> Iterator[pa.RecordBatch]:
             record_offset = offset  # start of the record being read
             try:
                 for record in it:
-                    _warc_record(record, path, record_offset, cfg, rows)
+                    row = _warc_record(record, path, record_offset, cfg)
                     # Asked only after the payload is read: warcio skips to the record's end.
-                    record_offset = offset + it.get_record_offset() + it.get_record_length()
+                    end = offset + it.get_record_offset() + it.get_record_length()
+                    # warcio yields a record cut short without complaint: headers missing,
+                    # or fewer payload bytes than its Content-Length.
+                    if record.rec_type is None or getattr(record.raw_stream, "limit", 0) > 0:
+                        raise EOFError("record cut short")
+                    if row is not None:
+                        rows.add(**row)
+                    record_offset = end
                     if len(rows) >= BATCH_ROWS:
                         yield from rows.flush()
-                offset = None
+                if record_offset >= size:
+                    break
+                error = "unparsed tail"  # warcio ends quietly on a gzip member cut short
             except Exception as e:  # noqa: BLE001 - any decoding failure is a counted drop
-                resume = _next_member(f, record_offset + 1, magic)
-                reason = "bad_record" if resume is not None else "truncated_record"
-                rows.add(id=doc_id(f"{path}#{record_offset}", None, type(e).__name__.encode()),
-                         source=path, drop_reason=reason)
-                offset = resume
+                error = type(e).__name__
+            resume = _next_member(f, record_offset + 1, magic)
+            reason = "bad_record" if resume is not None else "truncated_record"
+            rows.add(id=doc_id(f"{path}#{record_offset}", None, error.encode()), source=path, drop_reason=reason)
+            offset = resume
     yield from rows.flush()
 
 
@@ -167,39 +177,40 @@ def _read_capped(stream, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _warc_record(record, path: str, offset: int, cfg: ReadConfig, rows: _Rows) -> None:
+def _warc_record(record, path: str, offset: int, cfg: ReadConfig) -> dict | None:
+    """The raw-table row for a record, or None for records that are not documents."""
     if record.rec_type not in ("response", "resource"):
-        return  # request / metadata / warcinfo / revisit records are not documents
+        return None  # request / metadata / warcinfo / revisit records are not documents
     url = record.rec_headers.get_header("WARC-Target-URI")
     date = parse_date(record.rec_headers.get_header("WARC-Date"))
     record_id = record.rec_headers.get_header("WARC-Record-ID") or f"{path}#{offset}"
     mime, charset = _content_type(record)
     body = _read_capped(record.content_stream(), cfg.max_html_bytes + 1)
-    base = dict(id=doc_id(url, date, record_id.encode()), url=url, source=path, crawl_date=date,
-                charset=charset, in_bytes=len(body))
+    row = dict(id=doc_id(url, date, record_id.encode()), url=url, source=path, crawl_date=date,
+               charset=charset, in_bytes=len(body))
     status = record.http_headers.get_statuscode() if record.http_headers else "200"
     if mime and mime not in HTML_TYPES or (not mime and not _looks_like_html(body)):
-        rows.add(**base, drop_reason="not_html")
+        row["drop_reason"] = "not_html"
     elif status and not str(status).startswith("2"):
-        rows.add(**base, drop_reason="http_not_ok")
+        row["drop_reason"] = "http_not_ok"
     elif len(body) > cfg.max_html_bytes:
-        rows.add(**base, drop_reason="html_too_large")
+        row["drop_reason"] = "html_too_large"
     elif not body.strip():
-        rows.add(**base, drop_reason="empty_page")
+        row["drop_reason"] = "empty_page"
     else:
-        rows.add(**base, html=body)
+        row["html"] = body
+    return row
 
 
 # --------------------------------------------------------------------------- JSONL
 
 def read_jsonl(path: str, cfg: ReadConfig) -> Iterator[pa.RecordBatch]:
-    import fsspec
     import orjson
 
     column = cfg.text_column or cfg.html_column
     rows = _Rows()
     n_lines = n_with_content = 0
-    with fsspec.open(path, "rb", compression="infer") as f:
+    with paths.open_lines(path) as f:
         for line_no, line in enumerate(_lines(f, path, rows)):
             if not line.strip():
                 continue

@@ -105,6 +105,8 @@ LANGS = ("de", "fr", "es", "ru", "ja", "zh_CN", "ko", "pt_BR", "it", "pl",
 CJK_LANGS = ("ja", "zh_CN", "zh_TW", "ko")
 LOCALE_DIR = Path("/usr/share/locale")
 DOC_DIR = Path("/usr/share/doc")
+#: Block elements kept from /usr/share/doc manual pages.
+DOC_BLOCK_TAGS = ("h1", "h2", "h3", "h4", "p", "pre", "ul", "ol", "dl", "table", "blockquote")
 
 #: (language, Python codec, label used in headers/meta, where it is declared)
 #: "header": HTTP Content-Type only, "meta": <meta> only, "both", "none":
@@ -524,16 +526,23 @@ def _doc_html_articles() -> list[tuple[str, str, str]]:
         paras = [" ".join(p.text_content().split()) for p in main.iter("p")]
         prose = sum(len(p) for p in paras if len(p) > 80)
         pre = sum(len(p.text_content()) for p in main.iter("pre"))
-        if prose < 1500 or pre > prose or not title:  # prose, not README dumps
+        # Want prose: not <pre> dumps, nor whole text files in one <p> (valgrind's dist.*).
+        if (prose < 1500 or pre > prose or max(map(len, paras)) > 5000 or not title
+                or main.xpath('.//*[contains(@class, "literallayout")]')):
             continue
+        # Flatten to top-level blocks (manuals nest everything in <div>s) and
+        # stop at ~50 kB so that pages keep a realistic size.
         parts, size = [], 0
-        for child in main:
-            if not isinstance(child.tag, str):
+        for el in main.iter(*DOC_BLOCK_TAGS):
+            outer = el.getparent()
+            while outer is not None and outer is not main and outer.tag not in DOC_BLOCK_TAGS:
+                outer = outer.getparent()
+            if (outer is not None and outer is not main) or "nav" in (el.get("class") or ""):
                 continue
-            frag = lxml.html.tostring(child, encoding="unicode", with_tail=False)
+            frag = lxml.html.tostring(el, encoding="unicode", with_tail=False)
             parts.append(frag)
             size += len(frag)
-            if size > 50_000:  # keep pages a realistic size
+            if size > 50_000:
                 break
         out.append((title, "\n".join(parts), str(path)))
     return out
@@ -1414,7 +1423,9 @@ def _assign_url(page: Page, index: int, used: set[str], rng: Random) -> None:
     slug = _slugify(page.title, f"{page.kind.replace('_', '-')}-{index}")
     section = page.section or site.sections[0]
     if site.url_style == "dated":
-        path = f"/{rng.randint(2019, 2024)}/{rng.randint(1, 12):02d}/{slug}/"
+        # Blog-style URLs carry the publication month, which precedes the capture.
+        published = (page.date or CRAWL_END) - timedelta(days=rng.randint(0, 900))
+        path = f"/{published:%Y/%m}/{slug}/"
     elif site.url_style == "query":
         path = f"/{section}.php?t={10000 + index}&title={slug}"
     elif site.url_style == "lang":

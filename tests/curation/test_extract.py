@@ -1,0 +1,174 @@
+"""Readers and extraction: WARC/JSONL/Parquet in, trafilatura's main content out,
+every bad input counted under its own reason."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import polars as pl
+import pytest
+import zstandard
+
+from kiln.config import ConfigError
+from kiln.curation import schema
+from kiln.curation.extract import ExtractConfig, ExtractStage, decode_html, extract_main_content
+from kiln.curation.pipeline import parse_recipe, run
+from kiln.curation.readers import ReadConfig, read_raw, read_warc
+from kiln.curation.stage import run_stage
+from tests.conftest import docstrings, locale_sentences, page, write_warc
+
+PARAS = [d.split("\n\n") for d in docstrings("argparse") + docstrings("textwrap") + docstrings("pathlib")]
+
+
+def html_records(n: int) -> list[dict]:
+    return [{"url": f"http://docs.example.test/page/{i}", "body": page(f"Page number {i}", PARAS[i]).encode(),
+             "date": f"2024-02-{i % 28 + 1:02d}T08:00:00Z"} for i in range(n)]
+
+
+def extract(spark, inputs, tmp_path, read: dict | None = None, extract_cfg: dict | None = None):
+    recipe = parse_recipe({"pipeline": {"input": [str(p) for p in inputs], "output": str(tmp_path / "out"),
+                                        "stages": ["extract"], "write_dropped": True, "resume": False},
+                           "read": read or {}, "extract": extract_cfg or {}})
+    stats = run(spark, recipe, stage_dirs=False)[0]
+    docs = pl.read_parquet(str(tmp_path / "out" / "docs" / "*.parquet"))
+    return stats, docs
+
+
+def test_warc_extract_is_trafilatura_main_content(spark, tmp_path):
+    records = html_records(12)
+    records.insert(3, {"url": "http://docs.example.test/req", "body": b"GET / HTTP/1.1\r\n\r\n", "rec_type": "request"})
+    warc = write_warc(tmp_path / "x.warc.gz", records)
+    stats, docs = extract(spark, [warc], tmp_path)
+    assert stats.docs_in == 12 and stats.kept == 12 and stats.dropped == {}
+    assert {"id", "url", "text", "title", "crawl_date", "source", "charset"} <= set(docs.columns)
+    by_url = {r["url"]: r for r in docs.iter_rows(named=True)}
+    for r in records:
+        if r.get("rec_type") == "request":
+            continue
+        text, title = extract_main_content(r["body"].decode(), r["url"], **ExtractConfig().trafilatura_kwargs())
+        got = by_url[r["url"]]
+        assert got["text"] == text
+        assert got["title"] == title
+        assert got["source"] == str(warc)
+        assert got["crawl_date"].isoformat().startswith(r["date"][:19])
+    # the boilerplate is not main content
+    assert not any("uses cookies" in t for t in docs["text"])
+    assert docs["id"].n_unique() == 12
+
+
+def test_bad_warc_records_are_counted(spark, tmp_path):
+    big = page("Big table", ["<table>" + "<tr><td>cell value</td></tr>" * 120_000 + "</table>"]).encode()
+    records = html_records(6) + [
+        {"url": "http://x.test/img.png", "body": b"\x89PNG\r\n\x1a\n" + bytes(64), "content_type": "image/png"},
+        {"url": "http://x.test/empty", "body": b""},
+        {"url": "http://x.test/big", "body": big},
+        {"url": "http://x.test/missing", "body": page("Gone", ["Not found."]).encode(), "status": 404},
+        {"url": "http://x.test/garbage", "body": random.Random(0).randbytes(3000),
+         "content_type": "text/html; charset=utf-8"},
+        {"url": "http://x.test/script", "body": b"<html><body><div> </div><script>var x = 1;</script></body></html>"},
+    ]
+    warc = write_warc(tmp_path / "bad.warc.gz", records)
+    stats, docs = extract(spark, [warc], tmp_path, extract_cfg={"max_html_bytes": 1_000_000})
+    assert stats.dropped == {"not_html": 1, "empty_page": 1, "html_too_large": 1, "http_not_ok": 1,
+                             "undecodable": 1, "extract_empty": 1}
+    assert stats.kept == 6 and stats.docs_in == len(records)
+    dropped = pl.read_parquet(str(tmp_path / "out" / "dropped" / "*.parquet"))
+    assert sorted(dropped["drop_reason"].to_list()) == sorted(
+        ["not_html", "empty_page", "html_too_large", "http_not_ok", "undecodable", "extract_empty"])
+
+
+def _member_offsets(path) -> list[int]:
+    from warcio.archiveiterator import ArchiveIterator
+
+    offsets = []
+    with open(path, "rb") as f:
+        it = ArchiveIterator(f)
+        for _ in it:
+            offsets.append(it.get_record_offset())
+    return offsets
+
+
+def test_corrupt_member_is_skipped_and_reading_resumes(tmp_path):
+    warc = write_warc(tmp_path / "c.warc.gz", html_records(8))
+    data = bytearray(warc.read_bytes())
+    offsets = _member_offsets(warc)
+    start = offsets[3]
+    data[start + 20:start + 60] = bytes(40)  # damage the deflate stream of record 4
+    warc.write_bytes(bytes(data))
+    rows = pl.concat([pl.from_arrow(b) for b in read_warc(str(warc), ReadConfig())])
+    assert rows["drop_reason"].to_list().count("bad_record") == 1
+    ok = rows.filter(pl.col("drop_reason").is_null())
+    assert sorted(ok["url"].to_list()) == sorted(f"http://docs.example.test/page/{i}" for i in range(8) if i != 3)
+
+
+def test_truncated_warc_keeps_what_came_before(tmp_path):
+    warc = write_warc(tmp_path / "t.warc.gz", html_records(8))
+    offsets = _member_offsets(warc)
+    warc.write_bytes(warc.read_bytes()[: offsets[6] + 100])  # cut inside record 7
+    rows = pl.concat([pl.from_arrow(b) for b in read_warc(str(warc), ReadConfig())])
+    assert rows["drop_reason"].to_list().count("truncated_record") == 1
+    assert rows.filter(pl.col("drop_reason").is_null()).height == 6
+
+
+def test_extraction_timeout_is_counted(spark, tmp_path):
+    # 40k paragraphs (4.8 MB) take trafilatura seconds here, five times the 0.5 s limit; the
+    # pages after it must still be extracted by a fresh sandbox child.
+    slow = {"url": "http://slow.test/", "body": page("Slow", [f"word {i} " * 12 for i in range(40_000)]).encode()}
+    warc = write_warc(tmp_path / "x.warc.gz", [slow] + html_records(3))
+    stats, docs = extract(spark, [warc], tmp_path, read={"partitions": 1},
+                          extract_cfg={"timeout_s": 0.5, "max_html_bytes": 8_000_000})
+    assert stats.dropped == {"extract_timeout": 1} and stats.kept == 3
+
+
+def test_charset_detection():
+    ru = " ".join(locale_sentences("ru", limit=8))
+    ja = " ".join(locale_sentences("ja", limit=8))
+    cp1251 = page("Новости", [ru], charset="windows-1251").encode("cp1251")
+    assert decode_html(cp1251, None) == (cp1251.decode("cp1251"), "cp1251")  # from <meta> only
+    sjis = page("ニュース", [ja]).replace('<meta charset="utf-8">', "").encode("shift_jis")
+    text, codec = decode_html(sjis, None)  # no declaration anywhere: detected
+    assert codec == "shift_jis" and ja in text
+    assert decode_html(sjis, "utf-8")[1] == "shift_jis"  # a wrong header does not win
+    assert decode_html(random.Random(1).randbytes(2000), "utf-8") is None
+
+
+def test_jsonl_inputs_with_bad_lines(spark, tmp_path):
+    rows = [{"url": f"http://j.test/{i}", "html": page(f"J {i}", PARAS[i]), "crawl_date": "2024-05-01T00:00:00Z"}
+            for i in range(5)]
+    lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps({"url": "http://j.test/none"})]
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("\n".join(lines[:2]).encode()))
+    stats, docs = extract(spark, [tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.zst"], tmp_path)
+    assert stats.docs_in == 9 and stats.kept == 7
+    assert stats.dropped == {"bad_record": 1, "empty_page": 1}
+
+
+def test_text_column_input_skips_extraction(spark, tmp_path):
+    texts = ["First document text.", "Second one, plain.", ""]
+    pl.DataFrame({"content": texts, "link": ["a", "b", "c"]}).write_parquet(tmp_path / "t.parquet")
+    stats, docs = extract(spark, [tmp_path / "t.parquet"], tmp_path,
+                          read={"text_column": "content", "url_column": "link"})
+    assert sorted(docs["text"].to_list()) == sorted(texts[:2])
+    assert stats.dropped == {"empty_page": 1}
+
+
+def test_missing_path_and_column_fail_at_once(spark, tmp_path):
+    with pytest.raises(ConfigError, match="nope.warc.gz: input path does not exist"):
+        extract(spark, [tmp_path / "nope.warc.gz"], tmp_path)
+    pl.DataFrame({"body": ["x"]}).write_parquet(tmp_path / "p.parquet")
+    with pytest.raises(ConfigError, match="has no column 'html'"):
+        extract(spark, [tmp_path / "p.parquet"], tmp_path)
+
+
+def test_single_warc_is_spread_over_partitions(spark, tmp_path):
+    warc = write_warc(tmp_path / "x.warc.gz", html_records(4))
+    df = read_raw(spark, [str(warc)], ReadConfig())
+    assert df.rdd.getNumPartitions() == 2 * spark.sparkContext.defaultParallelism
+    result = run_stage(spark, ExtractStage(), df, None)
+    assert result.stats.kept == 4
+    result.unpersist()
+    assert schema.TEXT in result.kept.columns and schema.HTML not in result.kept.columns
+
+
