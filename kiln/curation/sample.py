@@ -21,7 +21,7 @@ Text sources, all read at build time (missing ones just give fewer pages):
 * gettext catalogues in ``/usr/share/locale/*/LC_MESSAGES/*.mo`` ->
   multilingual prose (translated program messages);
 * HTML manuals under ``/usr/share/doc`` -> article bodies;
-* ``better_profanity``'s word list -> dirty-word spam.
+* kiln's dirty-word list (``filters/dirty_words_en.txt``) -> adult spam.
 
 Everything is derived from ``random.Random`` instances seeded from ``seed``
 and a fixed name, file listings are sorted and WARC dates / record ids are
@@ -549,12 +549,9 @@ def _doc_html_articles() -> list[tuple[str, str, str]]:
 
 
 def _dirty_words() -> list[str]:
-    try:
-        from importlib.resources import files
-        text = (files("better_profanity") / "profanity_wordlist.txt").read_text(encoding="utf-8")
-    except (ImportError, OSError, ModuleNotFoundError):
-        return []
-    listed = {w.strip().lower() for w in text.split()}
+    from kiln.curation.filters.llama3 import load_word_list
+
+    listed = load_word_list()
     return [w for w in MILD_DIRTY_WORDS if w in listed]
 
 

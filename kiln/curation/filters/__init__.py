@@ -36,11 +36,11 @@ def _datatrove(name: str):
 FILTERS = {
     "dup_ngram_lines": (lambda: DuplicatedNgramLineFilter, []),
     "dirty_words": (lambda: DirtyWordsFilter, ["en"]),
+    "token_kl": (lambda: TokenKLFilter, []),
     "gopher_repetition": (lambda: _datatrove("GopherRepetitionFilter"), ["en"]),
     "gopher_quality": (lambda: _datatrove("GopherQualityFilter"), ["en"]),
     "c4_quality": (lambda: _datatrove("C4QualityFilter"), ["en"]),
     "fineweb_quality": (lambda: _datatrove("FineWebQualityFilter"), ["en"]),
-    "token_kl": (lambda: TokenKLFilter, []),
 }
 FILTER_ORDER = list(FILTERS)
 # Arguments set by kiln itself, not from a recipe.

@@ -41,7 +41,7 @@ class DuplicatedNgramLineFilter(BaseFilter):
 
     name = "Llama 3 duplicated n-gram lines"
 
-    def __init__(self, n: int = 4, max_line_coverage: float = 0.6, min_line_words: int = 8,
+    def __init__(self, n: int = 5, max_line_coverage: float = 0.8, min_line_words: int = 10,
                  max_removed_fraction: float = 0.5, exclusion_writer=None):
         super().__init__(exclusion_writer)
         self.n = n
@@ -80,13 +80,15 @@ class DuplicatedNgramLineFilter(BaseFilter):
 
 
 def load_word_list(path: str = "") -> frozenset[str]:
-    """The dirty-word list: a local file (one entry per line) or better-profanity's list."""
+    """The dirty-word list: a local file (one entry per line, # comments) or kiln's own
+    `dirty_words_en.txt`, the sexual and obscene part of better-profanity's list."""
     if path:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     else:
-        text = (resources.files("better_profanity") / "profanity_wordlist.txt").read_text("utf-8")
-    return frozenset(" ".join(tokens(line)) for line in text.splitlines() if tokens(line))
+        text = (resources.files("kiln.curation.filters") / "dirty_words_en.txt").read_text("utf-8")
+    lines = (line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    return frozenset(" ".join(tokens(line)) for line in lines if tokens(line))
 
 
 class DirtyWordsFilter(BaseFilter):
