@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from kiln.config import ConfigError
 from kiln.curation import schema
-from kiln.curation.stage import Stage, output_schema, set_columns
+from kiln.curation.stage import Stage, output_schema, set_columns, text_bytes
 
 DEFAULT_MODEL = "lid.176.ftz"
 
@@ -79,9 +79,9 @@ class LangIdStage(Stage):
 
     def prepare(self, spark, df) -> None:
         # Fail on the driver, with the path, before any task starts.
-        model = load_fasttext(self.model_path)
-        if not model.get_labels()[0].startswith("__label__"):
-            raise ConfigError(f"{self.model_path}: not a language-ID model (labels {model.get_labels()[:3]})")
+        labels = load_fasttext(self.model_path).get_labels()
+        if "__label__en" not in labels:
+            raise ConfigError(f"{self.model_path}: not a language-ID model (its labels: {', '.join(labels[:5])})")
         spark.sparkContext.addFile(self.model_path)
         self._shipped_name = os.path.basename(self.model_path)
 
@@ -109,5 +109,5 @@ class LangIdStage(Stage):
                 reasons.append(None)
         return set_columns(batch, output_schema(self, batch.schema), {
             schema.LANG: langs, schema.LANG_SCORE: scores, schema.DROP_REASON: reasons,
-            schema.IN_BYTES: [len(t.encode("utf-8", "surrogatepass")) if t else 0 for t in texts],
+            schema.IN_BYTES: text_bytes(texts),
         })
