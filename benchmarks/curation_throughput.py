@@ -85,6 +85,7 @@ class Measurement:
     seconds: float
     kept: int  # documents the work kept (extracted text / passed the filters)
     kept_chars: int  # characters of the kept text: a second check that both sides did the same work
+    other_cpu_s: float = 0.0  # CPU seconds other processes on the machine used meanwhile (see Neighbours)
     notes: dict = field(default_factory=dict)
 
     @property
@@ -94,6 +95,77 @@ class Measurement:
     @property
     def docs_per_s_per_core(self) -> float:
         return self.docs_per_s / self.cores
+
+    @property
+    def other_load(self) -> float:
+        """Share of the machine's CPU that other processes took while this ran."""
+        return self.other_cpu_s / (self.seconds * (os.cpu_count() or 1))
+
+
+class Neighbours:
+    """Times a block and counts the CPU that processes outside this benchmark used meanwhile.
+
+    On a 2-core machine a neighbour (a test run, another job) silently halves a rate, and
+    the two sides of a comparison are measured at different moments. Every measurement
+    therefore reports how busy the rest of the machine was, so a disturbed run shows it.
+    /proc is sampled every 0.25 s; processes are ours when they descend from this one
+    (Spark's JVM and Python workers, the extraction sandboxes, datatrove's pool).
+    """
+
+    INTERVAL = 0.25
+
+    def __enter__(self):
+        import threading
+
+        self.other_cpu_s = 0.0
+        self._stop = threading.Event()
+        self._seen = self._snapshot()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self):
+        while not self._stop.wait(self.INTERVAL):
+            self._sample()
+
+    def _sample(self):
+        now = self._snapshot()
+        for pid, (ppid, cpu) in now.items():
+            if not self._ours(pid, now):
+                self.other_cpu_s += cpu - self._seen.get(pid, (0, 0.0))[1]
+        self._seen = now
+
+    @staticmethod
+    def _ours(pid: int, procs: dict) -> bool:
+        me = os.getpid()
+        for _ in range(64):
+            if pid == me:
+                return True
+            if pid not in procs or pid <= 1:
+                return False
+            pid = procs[pid][0]
+        return False
+
+    @staticmethod
+    def _snapshot() -> dict[int, tuple[int, float]]:
+        tick = os.sysconf("SC_CLK_TCK")
+        procs = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # exited meanwhile
+            procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        return procs
 
 
 def log(msg: str) -> None:
@@ -137,24 +209,23 @@ def bench_extract_plain(pages, repeat: int, extract_cfg: ExtractConfig) -> Measu
     """trafilatura in a plain single-process loop over pages already in memory."""
     options = extract_cfg.trafilatura_kwargs()  # the options kiln's ExtractStage passes
     kept = chars = undecodable = errors = 0
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        for url, html, charset in pages:
-            decoded = decode_html(html, charset)
-            if decoded is None:
-                undecodable += 1
-                continue
-            try:
-                result = extract_main_content(decoded[0], url, **options)
-            except Exception:  # noqa: BLE001 - kiln counts these as extract_error; so do we
-                errors += 1
-                continue
-            if result is not None:
-                kept += 1
-                chars += len(result[0])
-    seconds = time.perf_counter() - t0
-    return Measurement("extract / plain trafilatura loop", 1, len(pages) * repeat, seconds, kept, chars,
-                       {"undecodable": undecodable, "errors": errors})
+    with Neighbours() as timer:
+        for _ in range(repeat):
+            for url, html, charset in pages:
+                decoded = decode_html(html, charset)
+                if decoded is None:
+                    undecodable += 1
+                    continue
+                try:
+                    result = extract_main_content(decoded[0], url, **options)
+                except Exception:  # noqa: BLE001 - kiln counts these as extract_error; so do we
+                    errors += 1
+                    continue
+                if result is not None:
+                    kept += 1
+                    chars += len(result[0])
+    return Measurement("extract / plain trafilatura loop", 1, len(pages) * repeat, timer.seconds, kept, chars,
+                       timer.other_cpu_s, {"undecodable": undecodable, "errors": errors})
 
 
 def warm_up(spark, cores: int) -> None:
@@ -184,10 +255,9 @@ def bench_extract_kiln(spark, warc: Path, repeat: int, cores: int, read_cfg: Rea
         shutil.copyfile(warc, in_dir / f"copy-{i:03d}.warc.gz")
     out_dir = workdir / "extract_out"
 
-    t0 = time.perf_counter()
-    df = read_raw(spark, [str(in_dir)], read_cfg)
-    result = run_stage(spark, ExtractStage(extract_cfg), df, str(out_dir), log=log)
-    seconds = time.perf_counter() - t0
+    with Neighbours() as timer:
+        df = read_raw(spark, [str(in_dir)], read_cfg)
+        result = run_stage(spark, ExtractStage(extract_cfg), df, str(out_dir), log=log)
     result.unpersist()
 
     stats = result.stats
@@ -195,10 +265,10 @@ def bench_extract_kiln(spark, warc: Path, repeat: int, cores: int, read_cfg: Rea
     extracted = stats.docs_in - reader_drops  # pages that reached trafilatura
     if extracted != n_pages * repeat:
         log(f"WARNING: kiln extracted {extracted} pages, the loop {n_pages * repeat}")
-    notes = {"dropped": stats.dropped, "input_files": repeat,
-             "read_partitions": df.rdd.getNumPartitions()}
-    return (Measurement(f"extract / kiln Spark local[{cores}]", cores, extracted, seconds,
-                        stats.kept, stats.chars_kept, notes), out_dir / DOCS_DIR)
+    notes = {"dropped": stats.dropped, "input_files": repeat, "partitions": df.rdd.getNumPartitions(),
+             "seconds_to_stats": stats.extra["seconds"]}  # run_stage's clock: extraction done, before the write
+    return (Measurement(f"extract / kiln Spark local[{cores}]", cores, extracted, timer.seconds,
+                        stats.kept, stats.chars_kept, timer.other_cpu_s, notes), out_dir / DOCS_DIR)
 
 
 # --------------------------------------------------------------------------- (b) filtering
@@ -218,28 +288,28 @@ def english_documents(spark, extracted_docs: Path) -> pa.Table:
 
 
 def write_filter_inputs(docs: pa.Table, repeat: int, n_files: int, workdir: Path) -> tuple[Path, Path, int]:
-    """`repeat` copies of `docs`, split into `n_files` files, once as JSONL and once as Parquet.
+    """`repeat` copies of `docs` (distinct ids) in `n_files` files, once as JSONL, once as Parquet.
 
-    Copies get distinct ids. Both formats hold the same rows in the same files, so
-    datatrove's tasks (one per file group) and Spark's partitions see the same split.
+    Each file holds whole copies, so every file has the same documents: however datatrove
+    deals files to its tasks and Spark packs them into partitions, each core gets the same
+    work. A few pages take seconds in GopherRepetitionFilter; an uneven split would measure
+    the split, not the filters.
     """
-    copies = []
-    for k in range(repeat):
-        ids = pa.array([f"{i}-{k}" for i in docs.column(schema.ID).to_pylist()])
-        copies.append(docs.set_column(docs.schema.get_field_index(schema.ID), schema.ID, ids))
-    table = pa.concat_tables(copies)
     jsonl_dir, parquet_dir = workdir / "filter_in_jsonl", workdir / "filter_in_parquet"
     jsonl_dir.mkdir()
     parquet_dir.mkdir()
-    n = table.num_rows
-    bounds = [n * i // n_files for i in range(n_files + 1)]
+    ids = docs.column(schema.ID).to_pylist()
+    id_index = docs.schema.get_field_index(schema.ID)
+    per_file = repeat // n_files
     for i in range(n_files):
-        part = table.slice(bounds[i], bounds[i + 1] - bounds[i])
+        copies = [docs.set_column(id_index, schema.ID, pa.array([f"{d}-{k}" for d in ids]))
+                  for k in range(i * per_file, (i + 1) * per_file)]
+        part = pa.concat_tables(copies)
         pq.write_table(part, parquet_dir / f"part-{i:03d}.parquet")
         with open(jsonl_dir / f"part-{i:03d}.jsonl", "wb") as f:
             for row in part.to_pylist():
-                f.write(orjson.dumps(row, option=orjson.OPT_NAIVE_UTC) + b"\n")
-    return jsonl_dir, parquet_dir, n
+                f.write(orjson.dumps(row) + b"\n")
+    return jsonl_dir, parquet_dir, docs.num_rows * per_file * n_files
 
 
 def bench_filter_datatrove(jsonl_dir: Path, n_docs: int, cores: int, workdir: Path) -> Measurement:
@@ -266,9 +336,8 @@ def bench_filter_datatrove(jsonl_dir: Path, n_docs: int, cores: int, workdir: Pa
     )
     # The executor's pool start-up is timed: it is how datatrove runs a job, and kiln's
     # timed region likewise includes its Python workers importing trafilatura/datatrove.
-    t0 = time.perf_counter()
-    executor.run()
-    seconds = time.perf_counter() - t0
+    with Neighbours() as timer:
+        executor.run()
 
     import gzip
 
@@ -279,24 +348,24 @@ def bench_filter_datatrove(jsonl_dir: Path, n_docs: int, cores: int, workdir: Pa
             for line in f:
                 kept += 1
                 chars += len(orjson.loads(line)["text"])
-    return Measurement(f"filter / datatrove LocalPipelineExecutor tasks={cores}", cores, n_docs, seconds,
-                       kept, chars, {"output": "JsonlWriter defaults (gzip)"})
+    return Measurement(f"filter / datatrove LocalPipelineExecutor tasks={cores}", cores, n_docs, timer.seconds,
+                       kept, chars, timer.other_cpu_s, {"output": "JsonlWriter defaults (gzip)"})
 
 
 def bench_filter_kiln(spark, parquet_dir: Path, n_docs: int, cores: int, workdir: Path) -> Measurement:
     """kiln's filter stage: read Parquet, the same four filters, count, write Parquet."""
-    t0 = time.perf_counter()
-    df = spark.read.parquet(str(parquet_dir))
-    result = run_stage(spark, FilterStage(filter_specs(DATATROVE_FILTERS)), df,
-                       str(workdir / "filter_out_kiln"), log=log)
-    seconds = time.perf_counter() - t0
+    with Neighbours() as timer:
+        df = spark.read.parquet(str(parquet_dir))
+        result = run_stage(spark, FilterStage(filter_specs(DATATROVE_FILTERS)), df,
+                           str(workdir / "filter_out_kiln"), log=log)
     result.unpersist()
     stats = result.stats
     if stats.docs_in != n_docs:
         log(f"WARNING: kiln filtered {stats.docs_in} documents, expected {n_docs}")
-    return Measurement(f"filter / kiln Spark local[{cores}]", cores, stats.docs_in, seconds, stats.kept,
-                       stats.chars_kept, {"dropped": stats.dropped, "partitions": df.rdd.getNumPartitions(),
-                                          "output": "Parquet (Spark default, snappy)"})
+    return Measurement(f"filter / kiln Spark local[{cores}]", cores, stats.docs_in, timer.seconds, stats.kept,
+                       stats.chars_kept, timer.other_cpu_s,
+                       {"dropped": stats.dropped, "partitions": df.rdd.getNumPartitions(),
+                        "seconds_to_stats": stats.extra["seconds"], "output": "Parquet (Spark default, snappy)"})
 
 
 # --------------------------------------------------------------------------- report

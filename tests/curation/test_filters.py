@@ -192,3 +192,17 @@ def test_spark_stage_matches_datatrove(spark):
     assert len(reasons) >= 5, reasons  # the corpus exercises several distinct rules
     stats = result.stats
     assert stats.docs_in == len(docs) == stats.kept + sum(stats.dropped.values())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's mean of no words
+def test_empty_giant_and_crashing_documents_are_counted():
+    stage = only("gopher_repetition", "gopher_quality", gopher_quality={"max_doc_words": 2000})
+    assert reason(stage, "") == "empty"
+    giant = "\n\n".join(p.replace("\n", " ") for p in LONG_GOOD.split("\n")) + "\n\n" + " ".join(
+        w for doc in PROSE for w in doc.split())
+    assert len(giant.split()) > 2000
+    assert reason(only("gopher_quality", gopher_quality={"max_doc_words": 2000}), giant) == "gopher_long_doc"
+    # datatrove divides by the word count: with its minimum switched off, a blank page
+    # raises ZeroDivisionError. kiln counts it instead of failing the job.
+    crashing = only("gopher_quality", gopher_quality={"min_doc_words": 0})
+    assert reason(crashing, "\n\n") == "gopher_quality_error"
