@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe_for(args) -> "Recipe":  # noqa: F821
+def _recipe_for(args):
+    """The recipe a command runs: the --recipe file (or defaults) with the options applied."""
     from kiln.curation.pipeline import load_recipe, parse_recipe
 
     recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else parse_recipe({})

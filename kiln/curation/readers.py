@@ -27,7 +27,7 @@ WARC_MAGIC = b"WARC/1."
 
 @dataclass
 class ReadConfig:
-    format: str = "auto"  # auto | warc | jsonl | parquet | documents (a kiln stage output)
+    format: str = "auto"  # auto (by file name) | warc | jsonl | parquet
     html_column: str = "html"  # JSONL/Parquet column holding raw HTML
     text_column: str = ""  # JSONL/Parquet column holding plain text; set it to skip extraction
     url_column: str = "url"  # JSONL/Parquet column with the page URL
@@ -239,7 +239,7 @@ def _lines(f, path: str, rows: _Rows) -> Iterator[bytes]:
     """Lines of a (possibly compressed) file; a truncated stream ends with a counted drop."""
     try:
         yield from f
-    except (EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - gzip's EOFError, zstandard's ZstdError, OSError...
         rows.add(id=doc_id(f"{path}#eof", None, str(e).encode()), source=path, drop_reason="truncated_record")
 
 
