@@ -16,6 +16,13 @@ filter classes rather than re-typing them, and the script prints whether both
 sides kept the same documents, because a benchmark comparing different work
 means nothing. Nothing here raises on a missed target: it reports.
 
+Spark session start-up is left out of the timed regions, and each kiln job runs
+twice on the same input: the first run in a JVM also pays for compiling that
+job's code paths. Both runs are reported; the targets are judged on the second,
+the steady state a long production job sees. The machine is assumed to be
+shared: each measurement waits for other processes to go idle and reports how
+much CPU they took meanwhile.
+
     python benchmarks/curation_throughput.py --input data/sample.warc.gz --cores 2
 
 The table is printed and written with a JSON of the same numbers to
@@ -173,6 +180,26 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def wait_until_quiet(max_wait: float) -> None:
+    """Before a measurement, wait up to `max_wait` s for 3 s in which other processes stay idle.
+
+    It cannot stop a neighbour starting mid-measurement (that shows in the table); it only
+    avoids starting a measurement in the middle of someone else's test run.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        with Neighbours() as probe:
+            time.sleep(3)
+        busy = probe.other_cpu_s / (probe.seconds * (os.cpu_count() or 1))
+        if busy <= NEIGHBOUR_WARNING:
+            return
+        if time.monotonic() >= deadline:
+            log(f"other processes still use {busy:.0%} of the machine; measuring anyway")
+            return
+        log(f"other processes use {busy:.0%} of the machine; waiting for them (up to {max_wait:.0f} s)")
+        time.sleep(2)
+
+
 # --------------------------------------------------------------------------- input
 
 
@@ -230,10 +257,11 @@ def bench_extract_plain(pages, repeat: int, extract_cfg: ExtractConfig) -> Measu
 
 
 def warm_up(spark, cores: int) -> None:
-    """A tiny job so the timed jobs don't pay for the JVM's first job or Python worker start-up.
+    """A tiny job that starts Spark's Python workers before anything is timed.
 
     Session and worker start-up is a fixed cost paid once per application, not per
     document; on a 20-30 s measurement it would blur the per-document rate we compare.
+    (It does not warm the JVM's compiled code paths: see the two kiln runs in main.)
     """
     from pyspark.sql.types import LongType, StructField, StructType
 
@@ -244,18 +272,22 @@ def warm_up(spark, cores: int) -> None:
      .mapInArrow(identity, StructType([StructField("id", LongType())])).collect())
 
 
-def bench_extract_kiln(spark, warc: Path, repeat: int, cores: int, read_cfg: ReadConfig,
-                       extract_cfg: ExtractConfig, n_pages: int, workdir: Path) -> tuple[Measurement, Path]:
-    """kiln's extraction job: read the WARCs, extract, count, write Parquet."""
-    # `repeat` byte-identical copies of the WARC: Spark reads and extracts them as it would
-    # any batch of crawl files (one read task per file), with no shortcut from knowing
-    # they are copies. Copying is set-up, outside the timed region.
+def copy_warcs(warc: Path, repeat: int, workdir: Path) -> Path:
+    """`repeat` byte-identical copies of the WARC in one folder (set-up, untimed).
+
+    Spark reads and extracts them as it would any batch of crawl files (one read task
+    per file), with no shortcut from knowing they are copies.
+    """
     in_dir = workdir / "warcs"
     in_dir.mkdir()
     for i in range(repeat):
         shutil.copyfile(warc, in_dir / f"copy-{i:03d}.warc.gz")
-    out_dir = workdir / "extract_out"
+    return in_dir
 
+
+def bench_extract_kiln(spark, in_dir: Path, name: str, cores: int, read_cfg: ReadConfig,
+                       extract_cfg: ExtractConfig, expected_docs: int, out_dir: Path) -> tuple[Measurement, Path]:
+    """kiln's extraction job: read the WARCs, extract, count, write Parquet."""
     with Neighbours() as timer:
         df = read_raw(spark, [str(in_dir)], read_cfg)
         result = run_stage(spark, ExtractStage(extract_cfg), df, str(out_dir), log=log)
@@ -264,12 +296,13 @@ def bench_extract_kiln(spark, warc: Path, repeat: int, cores: int, read_cfg: Rea
     stats = result.stats
     reader_drops = sum(n for reason, n in stats.dropped.items() if reason in READER_DROPS)
     extracted = stats.docs_in - reader_drops  # pages that reached trafilatura
-    if extracted != n_pages * repeat:
-        log(f"WARNING: kiln extracted {extracted} pages, the loop {n_pages * repeat}")
-    notes = {"dropped": stats.dropped, "input_files": repeat, "partitions": df.rdd.getNumPartitions(),
+    if extracted != expected_docs:
+        log(f"WARNING: kiln extracted {extracted} pages, the loop {expected_docs}")
+    notes = {"dropped": stats.dropped, "input_files": len(list(in_dir.iterdir())),
+             "partitions": df.rdd.getNumPartitions(),
              "seconds_to_stats": stats.extra["seconds"]}  # run_stage's clock: extraction done, before the write
-    return (Measurement(f"extract / kiln Spark local[{cores}]", cores, extracted, timer.seconds,
-                        stats.kept, stats.chars_kept, timer.other_cpu_s, notes), out_dir / DOCS_DIR)
+    return (Measurement(name, cores, extracted, timer.seconds, stats.kept, stats.chars_kept,
+                        timer.other_cpu_s, notes), out_dir / DOCS_DIR)
 
 
 # --------------------------------------------------------------------------- (b) filtering
@@ -353,17 +386,16 @@ def bench_filter_datatrove(jsonl_dir: Path, n_docs: int, cores: int, workdir: Pa
                        kept, chars, timer.other_cpu_s, {"output": "JsonlWriter defaults (gzip)"})
 
 
-def bench_filter_kiln(spark, parquet_dir: Path, n_docs: int, cores: int, workdir: Path) -> Measurement:
+def bench_filter_kiln(spark, parquet_dir: Path, name: str, n_docs: int, cores: int, out_dir: Path) -> Measurement:
     """kiln's filter stage: read Parquet, the same four filters, count, write Parquet."""
     with Neighbours() as timer:
         df = spark.read.parquet(str(parquet_dir))
-        result = run_stage(spark, FilterStage(filter_specs(DATATROVE_FILTERS)), df,
-                           str(workdir / "filter_out_kiln"), log=log)
+        result = run_stage(spark, FilterStage(filter_specs(DATATROVE_FILTERS)), df, str(out_dir), log=log)
     result.unpersist()
     stats = result.stats
     if stats.docs_in != n_docs:
         log(f"WARNING: kiln filtered {stats.docs_in} documents, expected {n_docs}")
-    return Measurement(f"filter / kiln Spark local[{cores}]", cores, stats.docs_in, timer.seconds, stats.kept,
+    return Measurement(name, cores, stats.docs_in, timer.seconds, stats.kept,
                        stats.chars_kept, timer.other_cpu_s,
                        {"dropped": stats.dropped, "partitions": df.rdd.getNumPartitions(),
                         "seconds_to_stats": stats.extra["seconds"], "output": "Parquet (Spark default, snappy)"})
@@ -439,7 +471,10 @@ def render(report: dict) -> str:
         "Extraction is compared per core: the loop runs on one core, kiln on all of them. kiln's time "
         "includes reading and gunzipping the WARCs, the sandboxed trafilatura, the stats "
         "aggregation and writing Parquet; the loop's pages are already decoded from the WARC "
-        "and in memory. Spark session start-up is excluded (a warm-up job runs first). "
+        "and in memory. Spark session start-up is excluded (a tiny warm-up job starts the Python "
+        "workers first); each kiln job runs twice on the same input: the first run also pays for "
+        "the JVM compiling that job's code paths, a once-per-application cost that long production "
+        "jobs amortize, so the target is judged on the second. "
         "Filtering is compared in total docs/s on the same cores: datatrove reads JSONL and writes "
         "gzipped JSONL (its defaults), kiln reads and writes Parquet. \"other processes' CPU\" is the "
         "share of the whole machine that processes outside the benchmark used during the measurement; "
@@ -468,13 +503,16 @@ def main(argv: list[str] | None = None) -> int:
                         "copies take ~40 s in the loop and ~25 s in Spark. Rounded up to a multiple of "
                         "--cores: Spark reads each WARC in one task, and 3 equal files on 2 cores would "
                         "leave one core idle for a third of the job (default: %(default)s)")
-    p.add_argument("--filter-repeat", type=int, default=4,
-                   help="copies of the English documents for filtering; 4 copies of the sample's ~750 "
-                        "take ~25 s on 2 cores. Rounded up to a multiple of --files (default: %(default)s)")
+    p.add_argument("--filter-repeat", type=int, default=6,
+                   help="copies of the English documents for filtering; 6 copies of the sample's ~750 "
+                        "take ~27 s on 2 cores. Rounded up to a multiple of --files (default: %(default)s)")
     p.add_argument("--files", type=int, default=0,
                    help="files the filter input is split into, each holding whole copies; datatrove "
                         "runs one task per core over them (default: --cores)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="result folder (default: %(default)s)")
+    p.add_argument("--wait-quiet", type=float, default=90.0,
+                   help="before each measurement wait up to this many seconds for other processes to go "
+                        "idle; 0 to start at once (default: %(default)s)")
     p.add_argument("--keep-temp", action="store_true", help="keep the temporary folder (for profiling)")
     args = p.parse_args(argv)
     args.files = max(args.files or args.cores, 2)  # at least 2 files, so datatrove's 2 tasks both work
@@ -489,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         # (a) The plain loop first, before Spark's JVM exists, so nothing of ours shares its core.
         pages = load_pages(warc, read_cfg)
         log(f"{len(pages)} HTML pages in {warc}; plain loop x{args.repeat}")
+        wait_until_quiet(args.wait_quiet)
         ext_base = bench_extract_plain(pages, args.repeat, extract_cfg)
         log(f"plain loop: {ext_base.seconds:.1f}s")
 
@@ -496,18 +535,40 @@ def main(argv: list[str] | None = None) -> int:
         # so it is kept out of the timed region; the warm-up job starts the Python workers.
         spark = get_spark("kiln-bench", f"local[{args.cores}]")
         warm_up(spark, args.cores)
-        log(f"kiln extraction x{args.repeat}")
-        ext_kiln, extracted = bench_extract_kiln(spark, warc, args.repeat, args.cores, read_cfg, extract_cfg,
-                                                 len(pages), workdir)
+        in_dir = copy_warcs(warc, args.repeat, workdir)
+        n_docs = len(pages) * args.repeat
+        # The same job twice. The JVM compiles its hot paths (Arrow conversion, caching, Parquet)
+        # during its first real job: on 2 cores that costs ~20% of a 25 s job, once per application,
+        # and a production run of hours amortizes it. Both runs are reported; the second is the
+        # steady state the target is about.
+        log(f"kiln extraction x{args.repeat}, first job in this JVM")
+        wait_until_quiet(args.wait_quiet)
+        ext_kiln_cold, _ = bench_extract_kiln(
+            spark, in_dir, f"extract / kiln Spark local[{args.cores}], first job (cold JVM)", args.cores,
+            read_cfg, extract_cfg, n_docs, workdir / "extract_cold")
+        log(f"kiln extraction, cold: {ext_kiln_cold.seconds:.1f}s")
+        wait_until_quiet(args.wait_quiet)
+        ext_kiln, extracted = bench_extract_kiln(
+            spark, in_dir, f"extract / kiln Spark local[{args.cores}]", args.cores,
+            read_cfg, extract_cfg, n_docs, workdir / "extract_out")
         log(f"kiln extraction: {ext_kiln.seconds:.1f}s")
 
         # (b) inputs: (a)'s English documents, replicated (set-up, untimed).
         english = english_documents(spark, extracted)
         jsonl_dir, parquet_dir, n_docs = write_filter_inputs(english, args.filter_repeat, args.files, workdir)
         log(f"filtering {n_docs} documents ({english.num_rows} English x{args.filter_repeat}) in {args.files} files")
-        filt_kiln = bench_filter_kiln(spark, parquet_dir, n_docs, args.cores, workdir)
+        wait_until_quiet(args.wait_quiet)
+        # Twice again: the first filter job still compiles the Parquet-read and filter paths.
+        filt_kiln_cold = bench_filter_kiln(
+            spark, parquet_dir, f"filter / kiln Spark local[{args.cores}], first filter job", n_docs, args.cores,
+            workdir / "filter_cold")
+        log(f"kiln filtering, first job: {filt_kiln_cold.seconds:.1f}s")
+        wait_until_quiet(args.wait_quiet)
+        filt_kiln = bench_filter_kiln(spark, parquet_dir, f"filter / kiln Spark local[{args.cores}]", n_docs,
+                                      args.cores, workdir / "filter_out_kiln")
         log(f"kiln filtering: {filt_kiln.seconds:.1f}s")
         spark.stop()  # datatrove gets the machine to itself, as kiln had
+        wait_until_quiet(args.wait_quiet)
         filt_base = bench_filter_datatrove(jsonl_dir, n_docs, args.cores, workdir)
         log(f"datatrove filtering: {filt_base.seconds:.1f}s")
     finally:
@@ -516,11 +577,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    measurements = [ext_base, ext_kiln, filt_base, filt_kiln]
+    measurements = [ext_base, ext_kiln_cold, ext_kiln, filt_base, filt_kiln_cold, filt_kiln]
     comparisons = {
         "extraction, docs/s per core": comparison(ext_base, ext_kiln, per_core=True, target=EXTRACT_TARGET),
+        "extraction, docs/s per core, kiln's first job (cold JVM)": comparison(
+            ext_base, ext_kiln_cold, per_core=True, target=EXTRACT_TARGET),
         f"filtering, docs/s on {args.cores} cores": comparison(filt_base, filt_kiln, per_core=False,
                                                                target=FILTER_TARGET),
+        f"filtering, docs/s on {args.cores} cores, kiln's first filter job": comparison(
+            filt_base, filt_kiln_cold, per_core=False, target=FILTER_TARGET),
     }
     for name, c in comparisons.items():
         if not (c["same_docs_in"] and c["same_kept"]):
