@@ -103,41 +103,54 @@ class ExtractStage(Stage):
         return [pa.field(schema.TEXT, pa.string()), pa.field(schema.TITLE, pa.string()),
                 pa.field(schema.CHARSET, pa.string())]
 
-    def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+    def process_partition(self, batches):
         import trafilatura  # noqa: F401 - imported before the sandbox forks, so the child starts warm
         from datatrove.pipeline.extractors.base import ExtractorSandbox
         from loguru import logger
 
         logger.disable("datatrove")  # the sandbox logs at INFO on every exit
+        # One sandbox child for the whole partition: a fresh fork per batch starts cold.
+        with ExtractorSandbox(timeout=self.cfg.timeout_s) as sandbox:
+            for batch in batches:
+                yield self.extract_batch(batch, sandbox)
 
-        out_schema = output_schema(self, batch.schema)
+    def extract_batch(self, batch: pa.RecordBatch, sandbox) -> pa.RecordBatch:
         data = batch.to_pydict()
         texts, titles, charsets = list(data[schema.TEXT]), [None] * batch.num_rows, list(data[schema.CHARSET])
         reasons = list(data[schema.DROP_REASON])
-        fn = functools.partial(extract_main_content, **self.cfg.trafilatura_kwargs())
-        with ExtractorSandbox(timeout=self.cfg.timeout_s) as sandbox:
-            for i, html in enumerate(data[schema.HTML]):
-                if reasons[i] is not None or html is None:
-                    continue  # dropped by the reader, or a text-only input
-                decoded = decode_html(html, charsets[i])
-                if decoded is None:
-                    reasons[i] = "undecodable"
-                    continue
-                page, charsets[i] = decoded
-                try:
-                    result = sandbox.process_document((page, data[schema.URL][i]), fn)
-                except TimeoutError:
-                    reasons[i] = "extract_timeout"
-                    continue
-                except EOFError:  # the child died, e.g. out of memory on a pathological page
-                    reasons[i] = "extract_crashed"
-                    continue
-                except Exception:  # noqa: BLE001 - trafilatura's own failure on a page
-                    reasons[i] = "extract_error"
-                    continue
-                if result is None:
-                    reasons[i] = "extract_empty"
-                else:
-                    texts[i], titles[i] = result
-        return set_columns(batch, out_schema, {schema.TEXT: texts, schema.TITLE: titles,
-                                               schema.CHARSET: charsets, schema.DROP_REASON: reasons})
+        fn = functools.partial(_extract_or_error, **self.cfg.trafilatura_kwargs())
+        for i, html in enumerate(data[schema.HTML]):
+            if reasons[i] is not None or html is None:
+                continue  # dropped by the reader, or a text-only input
+            decoded = decode_html(html, charsets[i])
+            if decoded is None:
+                reasons[i] = "undecodable"
+                continue
+            page, charsets[i] = decoded
+            try:
+                result = sandbox.process_document((page, data[schema.URL][i]), fn)
+            except TimeoutError:
+                reasons[i] = "extract_timeout"
+                continue
+            except EOFError:  # the child died, e.g. out of memory on a pathological page
+                reasons[i] = "extract_crashed"
+                continue
+            except Exception:  # noqa: BLE001 - trafilatura's own failure, re-raised from the child
+                reasons[i] = "extract_error"
+                continue
+            if result is None:
+                reasons[i] = "extract_empty"
+            else:
+                texts[i], titles[i] = result
+        return set_columns(batch, output_schema(self, batch.schema), {
+            schema.TEXT: texts, schema.TITLE: titles, schema.CHARSET: charsets, schema.DROP_REASON: reasons})
+
+
+def _extract_or_error(html: str, url: str | None = None, **options):
+    """Runs in the sandbox child. An exception is returned, not raised: the sandbox
+    re-raises a returned exception in the parent at once, while a raised one kills
+    the child and costs the full timeout before the parent notices."""
+    try:
+        return extract_main_content(html, url, **options)
+    except Exception as e:  # noqa: BLE001
+        return e

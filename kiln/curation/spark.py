@@ -27,14 +27,21 @@ def get_spark(app_name: str = "kiln", master: str | None = None) -> SparkSession
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
     if not launched_by_spark_submit():
-        builder = builder.master(master or os.environ.get("KILN_SPARK_MASTER", "local[*]"))
+        master = master or os.environ.get("KILN_SPARK_MASTER", "local[*]")
+        builder = builder.master(master)
         builder = (
             builder.config("spark.driver.memory", os.environ.get("KILN_DRIVER_MEMORY", "4g"))
             .config("spark.ui.enabled", "false")
-            .config("spark.sql.shuffle.partitions", str(2 * (os.cpu_count() or 2)))
+            .config("spark.sql.shuffle.partitions", str(2 * _local_cores(master)))
         )
     # HTML rows are large; smaller Arrow batches keep a Python worker's memory flat.
     builder = builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "512")
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("KILN_SPARK_LOG_LEVEL", "ERROR"))
     return spark
+
+
+def _local_cores(master: str) -> int:
+    """Cores of a local master: local[4] -> 4; local[*] or a cluster URL -> this machine's."""
+    inside = master[master.find("[") + 1:master.find("]")] if master.startswith("local[") else ""
+    return int(inside) if inside.isdigit() else (1 if master == "local" else os.cpu_count() or 2)

@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyarrow as pa
 from pyspark import StorageLevel
@@ -44,6 +45,11 @@ class Stage:
 
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         raise NotImplementedError
+
+    def process_partition(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """All of one Spark partition; override to hold a resource across its batches."""
+        for batch in batches:
+            yield self.process(batch)
 
     def fingerprint(self) -> str:
         """Identifies the stage's settings, so a relaunch reuses only matching outputs."""
@@ -87,11 +93,7 @@ def apply_stage(stage: Stage, df: DataFrame) -> DataFrame:
     in_schema = to_arrow_schema(df.schema, timezone="UTC")
     out_schema = output_schema(stage, in_schema)
 
-    def run(batches):
-        for batch in batches:
-            yield stage.process(batch)
-
-    return df.mapInArrow(run, schema.spark_type(out_schema))
+    return df.mapInArrow(stage.process_partition, schema.spark_type(out_schema))
 
 
 def text_bytes(texts: list[str | None]) -> list[int]:

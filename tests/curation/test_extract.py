@@ -172,3 +172,19 @@ def test_single_warc_is_spread_over_partitions(spark, tmp_path):
     assert schema.TEXT in result.kept.columns and schema.HTML not in result.kept.columns
 
 
+
+
+def test_trafilatura_failure_is_an_extract_error_at_once():
+    import functools
+
+    from datatrove.pipeline.extractors.base import ExtractorSandbox
+
+    from kiln.curation.extract import _extract_or_error
+
+    # trafilatura raising inside the sandbox (here: an option it does not know) must come
+    # back as that error straight away, not kill the child and wait out the timeout.
+    fn = functools.partial(_extract_or_error, no_such_option=True)
+    with ExtractorSandbox(timeout=30) as sandbox:
+        with pytest.raises(TypeError, match="no_such_option"):
+            sandbox.process_document((page("T", PARAS[0]), None), fn)
+        assert sandbox.process.is_alive()  # the child survived: no timeout was waited out
