@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from kiln.curation import schema
-from kiln.curation.stage import Stage, output_schema, set_columns
+from kiln.curation.stage import Stage, columns, output_schema, set_columns
 
 META_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
 MIN_DETECT_CONFIDENCE = 0.5
@@ -115,7 +115,7 @@ class ExtractStage(Stage):
                 yield self.extract_batch(batch, sandbox)
 
     def extract_batch(self, batch: pa.RecordBatch, sandbox) -> pa.RecordBatch:
-        data = batch.to_pydict()
+        data = columns(batch, [schema.HTML, schema.CHARSET, schema.TEXT, schema.URL, schema.DROP_REASON])
         texts, titles, charsets = list(data[schema.TEXT]), [None] * batch.num_rows, list(data[schema.CHARSET])
         reasons = list(data[schema.DROP_REASON])
         fn = functools.partial(_extract_or_error, **self.cfg.trafilatura_kwargs())

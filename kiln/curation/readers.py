@@ -270,36 +270,60 @@ def _add_structured(rows: _Rows, url, date, given_id, content, path: str, cfg: R
 
 # --------------------------------------------------------------------------- Spark
 
+class RawSource:
+    """WARC or JSONL files as raw pages, one Spark task per file.
+
+    A stage applied to a RawSource runs the reader inside its own Python function
+    (`map_in_arrow`), so the HTML does not travel Python -> JVM -> Python between
+    reading and extraction. When there are fewer files than cores, the pages are
+    repartitioned first, and then they have to go through the JVM anyway.
+    """
+
+    arrow_schema = schema.RAW
+
+    def __init__(self, files_df, read_partition, partitions: int):
+        self.files_df = files_df
+        self.read_partition = read_partition
+        self.partitions = partitions
+
+    def to_df(self):
+        df = self.files_df.mapInArrow(self.read_partition, schema.spark_type(schema.RAW))
+        return df.repartition(self.partitions) if self.partitions else df
+
+    def map_in_arrow(self, fn, spark_schema):
+        if self.partitions:
+            return self.to_df().mapInArrow(fn, spark_schema)
+        read = self.read_partition
+        return self.files_df.mapInArrow(lambda batches: fn(read(batches)), spark_schema)
+
+
 def read_raw(spark, inputs: list[str], cfg: ReadConfig):
-    """All inputs as one DataFrame of the RAW schema (one row per page, drops included)."""
+    """All inputs as raw pages (schema.RAW; drops included): a RawSource for WARC and
+    JSONL files, a DataFrame for Parquet."""
     files = paths.expand_inputs(inputs)
     fmt = cfg.format
     formats = {paths.detect_format(f) for f in files} if fmt == "auto" else {fmt}
     if len(formats) != 1:
         raise ConfigError(f"inputs mix formats {sorted(formats)}; run one stage per format")
     fmt = formats.pop()
+    parallelism = spark.sparkContext.defaultParallelism
+    # A single large WARC would otherwise be extracted by one task.
+    partitions = cfg.partitions or (2 * parallelism if len(files) < parallelism else 0)
     if fmt == "parquet":
         df = _read_parquet(spark, files, cfg)
-    elif fmt in ("warc", "jsonl"):
-        reader = read_warc if fmt == "warc" else read_jsonl
-        # One partition per file: each input file is read by exactly one task.
-        files_df = spark.createDataFrame(
-            spark.sparkContext.parallelize([(f,) for f in files], len(files)), "path string")
-
-        def read_partition(batches):
-            for batch in batches:
-                for path in batch.column(0).to_pylist():
-                    yield from reader(path, cfg)
-
-        df = files_df.mapInArrow(read_partition, schema.spark_type(schema.RAW))
-    else:
+        return df.repartition(partitions) if partitions else df
+    if fmt not in ("warc", "jsonl"):
         raise ConfigError(f"unknown input format {fmt!r} (warc, jsonl, parquet)")
-    parallelism = spark.sparkContext.defaultParallelism
-    partitions = cfg.partitions or (2 * parallelism if len(files) < parallelism else 0)
-    if partitions:
-        # A single large WARC would otherwise be extracted by one task.
-        df = df.repartition(partitions)
-    return df
+    reader = read_warc if fmt == "warc" else read_jsonl
+    # One partition per file: each input file is read by exactly one task.
+    files_df = spark.createDataFrame(spark.sparkContext.parallelize([(f,) for f in files], len(files)), "path string")
+
+    def read_partition(batches):
+        for batch in batches:
+            for path in batch.column(0).to_pylist():
+                yield from reader(path, cfg)
+
+    return RawSource(files_df, read_partition, partitions)
 
 
 def _read_parquet(spark, files: list[str], cfg: ReadConfig):
@@ -315,7 +339,7 @@ def _read_parquet(spark, files: list[str], cfg: ReadConfig):
     def normalize(batches):
         for batch in batches:
             rows = _Rows()
-            data = batch.to_pydict()
+            data = {name: batch.column(name).to_pylist() for name in batch.schema.names}
             n = batch.num_rows
             for i in range(n):
                 _add_structured(

@@ -87,13 +87,20 @@ def set_columns(batch: pa.RecordBatch, out_schema: pa.Schema, columns: dict[str,
     return pa.RecordBatch.from_arrays(arrays, schema=out_schema)
 
 
-def apply_stage(stage: Stage, df: DataFrame) -> DataFrame:
+def apply_stage(stage: Stage, df) -> DataFrame:
+    """`df` is a DataFrame, or a reader's RawSource, which fuses reading into the stage."""
     from pyspark.sql.pandas.types import to_arrow_schema
 
-    in_schema = to_arrow_schema(df.schema, timezone="UTC")
-    out_schema = output_schema(stage, in_schema)
+    if isinstance(df, DataFrame):
+        out_schema = output_schema(stage, to_arrow_schema(df.schema, timezone="UTC"))
+        return df.mapInArrow(stage.process_partition, schema.spark_type(out_schema))
+    return df.map_in_arrow(stage.process_partition, schema.spark_type(output_schema(stage, df.arrow_schema)))
 
-    return df.mapInArrow(stage.process_partition, schema.spark_type(out_schema))
+
+def columns(batch: pa.RecordBatch, names: list[str]) -> dict[str, list]:
+    """Python lists of just the named columns: converting every column (timestamps
+    into datetime objects, above all) costs more than some stages' own work."""
+    return {name: batch.column(name).to_pylist() for name in names}
 
 
 def text_bytes(texts: list[str | None]) -> list[int]:
@@ -111,7 +118,7 @@ class StageResult:
             self.result.unpersist()
 
 
-def run_stage(spark: SparkSession, stage: Stage, df: DataFrame, out_dir: str | None,
+def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
               write_dropped: bool = False, fingerprint: str = "", log=None) -> StageResult:
     log = log or _log
     t0 = time.time()

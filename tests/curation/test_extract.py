@@ -164,9 +164,9 @@ def test_missing_path_and_column_fail_at_once(spark, tmp_path):
 
 def test_single_warc_is_spread_over_partitions(spark, tmp_path):
     warc = write_warc(tmp_path / "x.warc.gz", html_records(4))
-    df = read_raw(spark, [str(warc)], ReadConfig())
-    assert df.rdd.getNumPartitions() == 2 * spark.sparkContext.defaultParallelism
-    result = run_stage(spark, ExtractStage(), df, None)
+    source = read_raw(spark, [str(warc)], ReadConfig())
+    assert source.to_df().rdd.getNumPartitions() == 2 * spark.sparkContext.defaultParallelism
+    result = run_stage(spark, ExtractStage(), source, None)
     assert result.stats.kept == 4
     result.unpersist()
     assert schema.TEXT in result.kept.columns and schema.HTML not in result.kept.columns

@@ -23,7 +23,7 @@ from kiln.config import ConfigError
 from kiln.curation import schema
 from kiln.curation.filters.llama3 import (DirtyWordsFilter, DuplicatedNgramLineFilter, TokenKLFilter,
                                           reference_from_counts, tokens)
-from kiln.curation.stage import Stage, output_schema, set_columns, text_bytes
+from kiln.curation.stage import Stage, columns, output_schema, set_columns, text_bytes
 
 
 def _datatrove(name: str):
@@ -128,9 +128,9 @@ class FilterStage(Stage):
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         from datatrove.data import Document
 
-        data = batch.to_pydict()
+        data = columns(batch, [schema.TEXT, schema.ID, schema.URL])
         n = batch.num_rows
-        langs = data.get(schema.LANG, [None] * n)
+        langs = columns(batch, [schema.LANG])[schema.LANG] if schema.LANG in batch.schema.names else [None] * n
         texts, reasons = [], []
         for i in range(n):
             doc = Document(text=data[schema.TEXT][i] or "", id=data[schema.ID][i],
