@@ -165,8 +165,7 @@ def read_warc(path: str, cfg: ReadConfig) -> Iterator[pa.RecordBatch]:
 
 
 def _read_capped(stream, limit: int) -> bytes:
-    # warcio's content stream returns b"" for a single read() larger than its buffer
-    # allows, so read in chunks up to the cap (never more than cap+1 bytes in memory).
+    # In chunks up to the cap: an oversized page never sits whole in memory.
     chunks, total = [], 0
     while total < limit:
         chunk = stream.read(min(1 << 16, limit - total))

@@ -36,6 +36,10 @@ def get_spark(app_name: str = "kiln", master: str | None = None) -> SparkSession
         )
     # HTML rows are large; smaller Arrow batches keep a Python worker's memory flat.
     builder = builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "512")
+    # Spark's default INT96 timestamps are deprecated; micros with UTC read back as
+    # timezone-aware crawl dates in pyarrow, polars and pandas.
+    builder = builder.config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+    builder = builder.config("spark.sql.session.timeZone", "UTC")
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("KILN_SPARK_LOG_LEVEL", "ERROR"))
     return spark
