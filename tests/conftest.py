@@ -49,14 +49,14 @@ def page(title: str, paragraphs: list[str], charset: str = "utf-8") -> str:
     )
 
 
-def write_warc(path: Path, records: list[dict]) -> Path:
+def write_warc(path: Path, records: list[dict], version: str = "1.1") -> Path:
     """A gzip WARC/1.1; each record dict: url, body (bytes), and optional content_type,
     status, date, rec_type ('response' default, or 'request'/'metadata')."""
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter
 
     with open(path, "wb") as f:
-        writer = WARCWriter(f, gzip=str(path).endswith(".gz"), warc_version="1.1")
+        writer = WARCWriter(f, gzip=str(path).endswith(".gz"), warc_version=version)
         for i, r in enumerate(records):
             rec_type = r.get("rec_type", "response")
             headers = None

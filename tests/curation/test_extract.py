@@ -58,6 +58,22 @@ def test_warc_extract_is_trafilatura_main_content(spark, tmp_path):
     assert docs["id"].n_unique() == 12
 
 
+def test_plain_warc_1_0_and_parquet_html(spark, tmp_path):
+    records = html_records(5)
+    warc = write_warc(tmp_path / "old.warc", records, version="1.0")
+    assert warc.read_bytes().startswith(b"WARC/1.0")
+    stats, docs = extract(spark, [warc], tmp_path / "w")
+    expected = sorted(extract_main_content(r["body"].decode(), r["url"], **ExtractConfig().trafilatura_kwargs())[0]
+                      for r in records)
+    assert stats.kept == 5 and sorted(docs["text"].to_list()) == expected
+    pl.DataFrame({"page": [r["body"].decode() for r in records], "link": [r["url"] for r in records]}) \
+        .write_parquet(tmp_path / "pages.parquet")
+    stats, docs = extract(spark, [tmp_path / "pages.parquet"], tmp_path / "p",
+                          read={"html_column": "page", "url_column": "link"})
+    assert stats.kept == 5 and sorted(docs["text"].to_list()) == expected
+    assert sorted(docs["url"].to_list()) == sorted(r["url"] for r in records)
+
+
 def test_bad_warc_records_are_counted(spark, tmp_path):
     big = page("Big table", ["<table>" + "<tr><td>cell value</td></tr>" * 120_000 + "</table>"]).encode()
     records = html_records(6) + [
