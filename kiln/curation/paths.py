@@ -106,5 +106,11 @@ def exists(path: str) -> bool:
     return fs.exists(root)
 
 
+def remove(path: str) -> None:
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.exists(root):
+        fs.rm(root)
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])

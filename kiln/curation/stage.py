@@ -132,6 +132,8 @@ def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
     stats.extra["settings"] = stage.settings()
     kept = result.where(F.col(schema.DROP_REASON).isNull()).drop(schema.DROP_REASON, schema.IN_BYTES)
     if out_dir:
+        # A stats.json left by an earlier run would vouch for outputs this run is replacing.
+        paths.remove(paths.join(out_dir, STATS_FILE))
         kept.write.mode("overwrite").parquet(paths.join(out_dir, DOCS_DIR))
         if write_dropped:
             (result.where(F.col(schema.DROP_REASON).isNotNull()).drop(schema.IN_BYTES)
