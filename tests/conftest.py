@@ -91,3 +91,10 @@ def locale_sentences(lang: str, min_chars: int = 60, limit: int = 40) -> list[st
                 if len(out) >= limit:
                     return out
     return out
+
+
+def read_dropped(stage_dir: Path):
+    """A stage's dropped/ side output, with drop_reason from its partition directories."""
+    import polars as pl
+
+    return pl.read_parquet(str(stage_dir / "dropped" / "**" / "*.parquet"), hive_partitioning=True)

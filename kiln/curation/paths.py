@@ -109,7 +109,35 @@ def exists(path: str) -> bool:
 def remove(path: str) -> None:
     fs, root = fsspec.core.url_to_fs(path)
     if fs.exists(root):
-        fs.rm(root)
+        fs.rm(root, recursive=True)
+
+
+def move(src: str, dst: str) -> None:
+    """A rename on local disks and HDFS; a copy and delete on object stores."""
+    fs, src_root = fsspec.core.url_to_fs(src)
+    fs.mv(src_root, fsspec.core.url_to_fs(dst)[1], recursive=True)
+
+
+def parquet_rows_by_dir(root: str) -> dict[str, int]:
+    """Rows per immediate subdirectory of `root`, from the Parquet footers alone."""
+    import pyarrow.parquet as pq
+
+    fs, base = fsspec.core.url_to_fs(root)
+    counts: dict[str, int] = {}
+    for path in fs.find(base):
+        rel = path[len(base.rstrip("/")) + 1:]
+        if "/" not in rel or not path.endswith(".parquet") or _hidden(rel):
+            continue
+        with fs.open(path, "rb") as f:
+            counts[rel.split("/", 1)[0]] = counts.get(rel.split("/", 1)[0], 0) + pq.ParquetFile(f).metadata.num_rows
+    return counts
+
+
+def unescape_partition(value: str) -> str:
+    """Spark escapes partition values in directory names as %XX."""
+    from urllib.parse import unquote
+
+    return unquote(value)
 
 
 def join(base: str, *parts: str) -> str:

@@ -4,9 +4,9 @@ A stage is a small object with `name`, `output_schema(input_schema)` and
 `process(batch) -> batch`: per partition, on Arrow batches, one output row per
 input row, with `drop_reason` set on the rows it drops. `prepare(spark, df)` is
 the hook for a first pass over the corpus (the token-KL reference) or for
-shipping a model file to executors. `run_stage` persists the result once, counts
-it (stats.json), writes kept rows to `OUT/docs/` and, when asked, dropped rows
-with their reason to `OUT/dropped/`.
+shipping a model file to executors. `run_stage` runs the stage once, inside the
+write: kept rows land in `OUT/docs/`, dropped rows (when asked) in
+`OUT/dropped/drop_reason=<reason>/`, and the counts in `OUT/stats.json`.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def text_bytes(texts: list[str | None]) -> list[int]:
 class StageResult:
     kept: DataFrame
     stats: StageStats
-    result: DataFrame | None = None  # persisted stage output; release with unpersist()
+    result: DataFrame | None = None  # persisted stage output (in-memory runs); release with unpersist()
 
     def unpersist(self) -> None:
         if self.result is not None:
@@ -120,29 +120,85 @@ class StageResult:
 
 def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
               write_dropped: bool = False, fingerprint: str = "", log=None) -> StageResult:
+    """Run `stage` over `df` and account for it; with `out_dir`, write its outputs.
+
+    With an output directory the stage runs once, in the write itself: every row goes
+    to `OUT/_staging/drop_reason=.../` (kept rows under Spark's null partition), the
+    per-reason counts come from the Parquet footers and the byte totals from an
+    Observation on the same job, and the directories are then renamed to `docs/` and
+    `dropped/`. Nothing is cached, so memory does not grow with the corpus. Without
+    one (tests, notebooks) the output is persisted and counted with a groupBy.
+    """
     log = log or _log
     t0 = time.time()
     log(f"[{stage.name}] preparing")
     stage.prepare(spark, df)
-    result = apply_stage(stage, df).persist(StorageLevel.MEMORY_AND_DISK)
+    result = apply_stage(stage, df)
     log(f"[{stage.name}] running")
-    stats = collect_stats(stage.name, result)
+    if out_dir:
+        stats = _write_outputs(spark, stage.name, result, out_dir, write_dropped)
+        kept = spark.read.parquet(paths.join(out_dir, DOCS_DIR))
+    else:
+        result = result.persist(StorageLevel.MEMORY_AND_DISK)
+        stats = collect_stats(stage.name, result)
+        kept = result.where(F.col(schema.DROP_REASON).isNull()).drop(schema.DROP_REASON, schema.IN_BYTES)
     stats.extra["seconds"] = round(time.time() - t0, 2)
     stats.extra["fingerprint"] = fingerprint or stage.fingerprint()
     stats.extra["settings"] = stage.settings()
-    kept = result.where(F.col(schema.DROP_REASON).isNull()).drop(schema.DROP_REASON, schema.IN_BYTES)
     if out_dir:
-        # A stats.json left by an earlier run would vouch for outputs this run is replacing.
-        paths.remove(paths.join(out_dir, STATS_FILE))
-        kept.write.mode("overwrite").parquet(paths.join(out_dir, DOCS_DIR))
-        if write_dropped:
-            (result.where(F.col(schema.DROP_REASON).isNotNull()).drop(schema.IN_BYTES)
-             .write.mode("overwrite").parquet(paths.join(out_dir, DROPPED_DIR)))
         # Written last: its presence marks the stage's output as complete.
         paths.write_text(paths.join(out_dir, STATS_FILE), stats.to_json())
     log(f"[{stage.name}] in={stats.docs_in} kept={stats.kept} dropped={stats.dropped_total} "
         f"({stats.extra['seconds']:.1f}s)")
-    return StageResult(kept=kept, stats=stats, result=result)
+    return StageResult(kept=kept, stats=stats, result=None if out_dir else result)
+
+
+KEPT_PARTITION = f"{schema.DROP_REASON}=__HIVE_DEFAULT_PARTITION__"
+
+
+def _write_outputs(spark: SparkSession, stage_name: str, result: DataFrame, out_dir: str,
+                   write_dropped: bool) -> StageStats:
+    from pyspark.sql import Observation
+
+    staging = paths.join(out_dir, "_staging")
+    # A stats.json left by an earlier run would vouch for outputs this run is replacing.
+    paths.remove(paths.join(out_dir, STATS_FILE))
+    for name in (DOCS_DIR, DROPPED_DIR, "_staging"):
+        paths.remove(paths.join(out_dir, name))
+    kept_only = F.when(F.col(schema.DROP_REASON).isNull(), F.col(schema.TEXT))
+    totals = Observation(f"kiln-{stage_name}")
+    observed = result.observe(
+        totals,
+        F.count(F.lit(1)).alias("rows"),
+        F.coalesce(F.sum(schema.IN_BYTES), F.lit(0)).alias("bytes_in"),
+        F.coalesce(F.sum(F.octet_length(kept_only)), F.lit(0)).alias("bytes_kept"),
+        F.coalesce(F.sum(F.length(kept_only)), F.lit(0)).alias("chars_kept"),
+    )
+    observed.drop(schema.IN_BYTES).write.partitionBy(schema.DROP_REASON).parquet(staging)
+    metrics = totals.get
+
+    stats = StageStats(stage=stage_name, docs_in=metrics["rows"], bytes_in=metrics["bytes_in"],
+                       bytes_kept=metrics["bytes_kept"], chars_kept=metrics["chars_kept"])
+    for partition, rows in paths.parquet_rows_by_dir(staging).items():
+        if partition == KEPT_PARTITION:
+            stats.kept = rows
+        else:
+            stats.dropped[paths.unescape_partition(partition.split("=", 1)[1])] = rows
+    stats.dropped = dict(sorted(stats.dropped.items(), key=lambda kv: (-kv[1], kv[0])))
+    stats.check()
+
+    docs = paths.join(out_dir, DOCS_DIR)
+    if stats.kept:
+        paths.move(paths.join(staging, KEPT_PARTITION), docs)
+    else:  # still a readable, empty table for the next stage
+        kept_schema = result.drop(schema.DROP_REASON, schema.IN_BYTES).schema
+        spark.createDataFrame([], kept_schema).write.parquet(docs)
+    if write_dropped and stats.dropped:
+        paths.remove(paths.join(staging, "_SUCCESS"))
+        paths.move(staging, paths.join(out_dir, DROPPED_DIR))
+    else:
+        paths.remove(staging)
+    return stats
 
 
 def completed_stage(spark: SparkSession, out_dir: str, fingerprint: str) -> StageResult | None:

@@ -1,9 +1,11 @@
 """Accounting (DESIGN.md contract 2): every stage counts in, kept and dropped by reason.
 
 A stage's output rows carry `drop_reason` (null when kept) and `_in_bytes` (the
-size of what came in), one output row per input row, so the counts come from one
-small aggregation in Spark and `in == kept + sum(dropped)` holds by construction;
-`StageStats.check` asserts it anyway before anything is written.
+size of what came in), one output row per input row. Written stages count rows per
+`drop_reason=` partition from the Parquet footers and take totals from a Spark
+Observation of the same job (stage.run_stage); in-memory runs use one groupBy
+(`collect_stats`). `in == kept + sum(dropped)` compares two independent counts
+there, and `StageStats.check` fails the stage before stats.json is written.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ class StageStats:
     bytes_in: int = 0
     bytes_kept: int = 0
     chars_kept: int = 0
-    bytes_dropped: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -76,7 +77,6 @@ def collect_stats(stage: str, result: DataFrame) -> StageStats:
             stats.chars_kept = r["chars_out"]
         else:
             stats.dropped[reason] = r["n"]
-            stats.bytes_dropped[reason] = r["bytes_in"]
     stats.dropped = dict(sorted(stats.dropped.items(), key=lambda kv: (-kv[1], kv[0])))
     stats.check()
     return stats
@@ -94,8 +94,7 @@ def funnel_frame(all_stats: list[StageStats]) -> pl.DataFrame:
         for reason, n in s.dropped.items():
             rows.append(
                 {"stage": s.stage, "reason": reason, "docs": None, "kept": None, "dropped": n,
-                 "pct_dropped": _pct(n, s.docs_in), "mb_in": s.bytes_dropped.get(reason, 0) / 1e6,
-                 "mb_kept": None}
+                 "pct_dropped": _pct(n, s.docs_in), "mb_in": None, "mb_kept": None}
             )
     return pl.DataFrame(rows, schema={"stage": pl.String, "reason": pl.String, "docs": pl.Int64,
                                       "kept": pl.Int64, "dropped": pl.Int64, "pct_dropped": pl.Float64,
@@ -119,7 +118,7 @@ def format_funnel(all_stats: list[StageStats]) -> str:
         else:
             lines.append(
                 f"{'':<10} {r['reason']:<34} {'':>8} {'':>8} {r['dropped']:>8} "
-                f"{r['pct_dropped']:>7.1f}% {r['mb_in']:>9.2f} {'':>9}"
+                f"{r['pct_dropped']:>7.1f}%"
             )
     if all_stats:
         first, last = all_stats[0], all_stats[-1]

@@ -17,7 +17,7 @@ from kiln.curation.extract import ExtractConfig, ExtractStage, decode_html, extr
 from kiln.curation.pipeline import parse_recipe, run
 from kiln.curation.readers import ReadConfig, read_raw, read_warc
 from kiln.curation.stage import run_stage
-from tests.conftest import docstrings, locale_sentences, page, write_warc
+from tests.conftest import docstrings, locale_sentences, page, read_dropped, write_warc
 
 PARAS = [d.split("\n\n") for d in docstrings("argparse") + docstrings("textwrap") + docstrings("pathlib")]
 
@@ -90,7 +90,7 @@ def test_bad_warc_records_are_counted(spark, tmp_path):
     assert stats.dropped == {"not_html": 1, "empty_page": 1, "html_too_large": 1, "http_not_ok": 1,
                              "undecodable": 1, "extract_empty": 1}
     assert stats.kept == 6 and stats.docs_in == len(records)
-    dropped = pl.read_parquet(str(tmp_path / "out" / "dropped" / "*.parquet"))
+    dropped = read_dropped(tmp_path / "out")
     assert sorted(dropped["drop_reason"].to_list()) == sorted(
         ["not_html", "empty_page", "html_too_large", "http_not_ok", "undecodable", "extract_empty"])
 

@@ -13,7 +13,7 @@ import pytest
 
 from kiln.cli import main
 from kiln.curation.stats import StageStats
-from tests.conftest import docstrings, locale_sentences, page, write_warc
+from tests.conftest import docstrings, locale_sentences, page, read_dropped, write_warc
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,7 +67,7 @@ def test_pipeline_accounts_for_every_document(spark, warc, tmp_path, capsys):
     for s, d in zip(stats, sorted(p for p in out.iterdir() if p.is_dir())):
         assert s.docs_in == s.kept + sum(s.dropped.values())
         assert pl.read_parquet(str(d / "docs" / "*.parquet")).height == s.kept
-        dropped = pl.read_parquet(str(d / "dropped" / "*.parquet")) if s.dropped else pl.DataFrame({"drop_reason": []})
+        dropped = read_dropped(d) if s.dropped else pl.DataFrame({"drop_reason": []})
         assert dropped["drop_reason"].value_counts().sort("drop_reason").rows() == sorted(s.dropped.items())
     assert stats[0].dropped == {"not_html": 1}
     assert stats[1].dropped == {"lang_not_kept": 6}
