@@ -339,7 +339,7 @@ def bench_extract_kiln(spark, in_dir: Path, name: str, cores: int, read_cfg: Rea
     if extracted != expected_docs:
         log(f"WARNING: kiln extracted {extracted} pages, the loop {expected_docs}")
     notes = {"dropped": stats.dropped, "input_files": len(list(in_dir.iterdir())),
-             "partitions": result.result.rdd.getNumPartitions(),
+             "partitions": source.to_df().rdd.getNumPartitions(),
              "seconds_to_stats": stats.extra["seconds"]}  # run_stage's clock: extraction done, before the write
     return (Measurement(name, cores, extracted, timer.seconds, stats.kept, stats.chars_kept,
                         timer.other_cpu_s, notes), out_dir / DOCS_DIR)
