@@ -484,7 +484,7 @@ def render(report: dict) -> str:
         "",
         f"- machine: {m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, host `{m['hostname']}`, "
         f"Python {m['python']}",
-        f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- input: `{a['input']}` ({report['pages']} HTML pages), extraction x{a['repeat']}, "
         f"filtering: {report['english_docs']} English documents x{a['filter_repeat']} in {a['files']} files",
         f"- command: `{report['command']}`",
