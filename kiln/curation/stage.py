@@ -131,6 +131,7 @@ def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
     """
     log = log or _log
     t0 = time.time()
+    log(f"[{stage.name}] settings {json.dumps(stage.settings(), sort_keys=True, default=str)}")
     log(f"[{stage.name}] preparing")
     stage.prepare(spark, df)
     result = apply_stage(stage, df)
