@@ -3,6 +3,8 @@
     kiln curate extract  --input X.warc.gz --output OUT      HTML -> main-content text
     kiln curate langid   --input OUT --output OUT2           fastText language ID
     kiln curate filter   --input OUT2 --output OUT3          Gopher / C4 / FineWeb / Llama 3 filters
+    kiln curate dedup-url   --input OUT3 --output OUT4       newest page per normalized URL
+    kiln curate dedup-exact --input OUT4 --output OUT5       one copy of each text
     kiln curate pipeline recipes/demo.toml                   several stages in one Spark application
     kiln curate sample   --out data/sample.warc.gz           build the bundled demo WARC
 
@@ -69,6 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--disable", nargs="+", default=[], metavar="FILTER", help="filters to switch off")
 
+    p = stages.add_parser("dedup-url", help="URL dedup: the newest crawl of each normalized URL is kept",
+                          description="Llama 3 URL dedup: URLs are normalized (case of scheme and host, default "
+                                      "ports, fragment, trailing slash, tracking parameters, query order) and the "
+                                      "page with the latest crawl_date is kept (ties: smallest id). Adds "
+                                      "url_normalized; drops the others as url_duplicate.")
+    _common(p)
+    p.add_argument("--keep-query-order", action="store_true", help="do not sort query parameters")
+
+    p = stages.add_parser("dedup-exact", help="exact dedup on a hash of normalized text",
+                          description="Exact dedup: SHA-256 of the text with whitespace collapsed and case folded; "
+                                      "the earliest crawl of each text is kept (ties: smallest id). Adds text_hash; "
+                                      "drops the others as exact_duplicate.")
+    _common(p)
+    p.add_argument("--case-sensitive", action="store_true", help="do not fold case before hashing")
+    p.add_argument("--keep-whitespace", action="store_true", help="do not collapse whitespace before hashing")
+
     p = stages.add_parser("pipeline", help="run a recipe's stages in one Spark application",
                           description="Run the stages of a TOML recipe (see recipes/demo.toml) and print the funnel.")
     p.add_argument("recipe", help="recipe TOML file")
@@ -98,7 +116,7 @@ def _recipe_for(args):
     if args.write_dropped:
         cfg.write_dropped = True
     if args.stage != "pipeline":
-        cfg.stages = [args.stage]
+        cfg.stages = [args.stage.replace("-", "_")]
         cfg.resume = False
     else:
         cfg.resume = not args.force
@@ -118,6 +136,14 @@ def _recipe_for(args):
             recipe.langid.keep_languages = [x.strip() for x in args.keep_lang.split(",") if x.strip()]
         if args.min_score is not None:
             recipe.langid.min_score = args.min_score
+    elif args.stage == "dedup-url":
+        if args.keep_query_order:
+            recipe.dedup_url.sort_query = False
+    elif args.stage == "dedup-exact":
+        if args.case_sensitive:
+            recipe.dedup_exact.lowercase = False
+        if args.keep_whitespace:
+            recipe.dedup_exact.collapse_whitespace = False
     elif args.stage == "filter":
         from kiln.curation.filters import FILTERS
 

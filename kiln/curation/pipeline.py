@@ -8,6 +8,7 @@
 
     [read]      # ReadConfig     [extract]  # ExtractConfig
     [langid]    # LangIdConfig   [filter.gopher_quality] ...  # see kiln.curation.filters
+    [dedup_url] # UrlDedupConfig [dedup_exact] # ExactDedupConfig
 
 Each stage writes `OUT/NN_<stage>/{docs,dropped,stats.json}`; the run ends with the
 funnel printed and saved as `OUT/funnel.json`. A relaunch reuses every stage whose
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 from kiln.config import ConfigError, from_dict, load_toml
 from kiln.curation import paths, schema
+from kiln.curation.dedup import ExactDedupConfig, ExactDedupStage, UrlDedupConfig, UrlDedupStage
 from kiln.curation.extract import ExtractConfig, ExtractStage
 from kiln.curation.filters import FilterStage, filter_specs
 from kiln.curation.langid import LangIdConfig, LangIdStage
@@ -31,14 +33,15 @@ from kiln.curation.readers import ReadConfig, read_raw
 from kiln.curation.stage import DOCS_DIR, Stage, completed_stage, run_stage
 from kiln.curation.stats import StageStats, format_funnel
 
-STAGE_NAMES = ["extract", "langid", "filter"]
+STAGE_NAMES = ["extract", "langid", "filter", "dedup_url", "dedup_exact"]
+DEFAULT_STAGES = ["extract", "langid", "filter"]
 
 
 @dataclass
 class PipelineConfig:
     input: list[str] = field(default_factory=list)  # input files, directories or globs
     output: str = ""  # output directory; one subdirectory per stage
-    stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))  # stages to run, in order
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))  # stages to run, in order
     write_dropped: bool = False  # also write dropped documents, with their reason, to NN_stage/dropped/
     resume: bool = True  # reuse finished stages whose input and settings match
 
@@ -50,9 +53,11 @@ class Recipe:
     extract: ExtractConfig
     langid: LangIdConfig
     filter: dict  # raw [filter] table, checked by filter_specs()
+    dedup_url: UrlDedupConfig
+    dedup_exact: ExactDedupConfig
 
 
-SECTIONS = ("pipeline", "read", "extract", "langid", "filter")
+SECTIONS = ("pipeline", "read", "extract", "langid", "filter", "dedup_url", "dedup_exact")
 
 
 def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
@@ -65,6 +70,8 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
         extract=from_dict(ExtractConfig, data.get("extract", {}), f"{where}: [extract]"),
         langid=from_dict(LangIdConfig, data.get("langid", {}), f"{where}: [langid]"),
         filter=data.get("filter", {}),
+        dedup_url=from_dict(UrlDedupConfig, data.get("dedup_url", {}), f"{where}: [dedup_url]"),
+        dedup_exact=from_dict(ExactDedupConfig, data.get("dedup_exact", {}), f"{where}: [dedup_exact]"),
     )
     bad = [s for s in recipe.pipeline.stages if s not in STAGE_NAMES]
     if bad:
@@ -88,6 +95,10 @@ def build_stage(name: str, recipe: Recipe) -> Stage:
         return LangIdStage(recipe.langid)
     if name == "filter":
         return FilterStage(filter_specs(recipe.filter))
+    if name == "dedup_url":
+        return UrlDedupStage(recipe.dedup_url)
+    if name == "dedup_exact":
+        return ExactDedupStage(recipe.dedup_exact)
     raise ConfigError(f"unknown stage {name!r}")
 
 

@@ -51,6 +51,11 @@ class Stage:
         for batch in batches:
             yield self.process(batch)
 
+    def transform(self, df) -> DataFrame:
+        """The stage's output rows. Per-document stages keep this default (their
+        `process` per partition); corpus-wide ones (dedup) override it with shuffles."""
+        return apply_stage(self, df)
+
     def fingerprint(self) -> str:
         """Identifies the stage's settings, so a relaunch reuses only matching outputs."""
         return hashlib.sha256(json.dumps(self.settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -134,7 +139,7 @@ def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
     log(f"[{stage.name}] settings {json.dumps(stage.settings(), sort_keys=True, default=str)}")
     log(f"[{stage.name}] preparing")
     stage.prepare(spark, df)
-    result = apply_stage(stage, df)
+    result = stage.transform(df)
     log(f"[{stage.name}] running")
     if out_dir:
         stats = _write_outputs(spark, stage.name, result, out_dir, write_dropped)

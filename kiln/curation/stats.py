@@ -107,24 +107,24 @@ def _pct(n: int, total: int) -> float:
 
 def format_funnel(all_stats: list[StageStats]) -> str:
     frame = funnel_frame(all_stats)
-    header = f"{'stage':<10} {'drop reason':<34} {'docs in':>8} {'kept':>8} {'dropped':>8} {'% of in':>8} {'MB in':>9} {'MB kept':>9}"
+    header = f"{'stage':<12} {'drop reason':<34} {'docs in':>8} {'kept':>8} {'dropped':>8} {'% of in':>8} {'MB in':>9} {'MB kept':>9}"
     lines = ["", "kiln funnel", header, "-" * len(header)]
     for r in frame.iter_rows(named=True):
         if r["reason"] == "":
             lines.append(
-                f"{r['stage']:<10} {'(all)':<34} {r['docs']:>8} {r['kept']:>8} {r['dropped']:>8} "
+                f"{r['stage']:<12} {'(all)':<34} {r['docs']:>8} {r['kept']:>8} {r['dropped']:>8} "
                 f"{r['pct_dropped']:>7.1f}% {r['mb_in']:>9.2f} {r['mb_kept']:>9.2f}"
             )
         else:
             lines.append(
-                f"{'':<10} {r['reason']:<34} {'':>8} {'':>8} {r['dropped']:>8} "
+                f"{'':<12} {r['reason']:<34} {'':>8} {'':>8} {r['dropped']:>8} "
                 f"{r['pct_dropped']:>7.1f}%"
             )
     if all_stats:
         first, last = all_stats[0], all_stats[-1]
         lines.append("-" * len(header))
         lines.append(
-            f"{'total':<10} {'':<34} {first.docs_in:>8} {last.kept:>8} "
+            f"{'total':<12} {'':<34} {first.docs_in:>8} {last.kept:>8} "
             f"{first.docs_in - last.kept:>8} {_pct(first.docs_in - last.kept, first.docs_in):>7.1f}%"
         )
     return "\n".join(lines)
