@@ -5,6 +5,7 @@
     kiln curate filter   --input OUT2 --output OUT3          Gopher / C4 / FineWeb / Llama 3 filters
     kiln curate dedup-url   --input OUT3 --output OUT4       newest page per normalized URL
     kiln curate dedup-exact --input OUT4 --output OUT5       one copy of each text
+    kiln curate dedup-lines --input OUT5 --output OUT6       lines repeated across documents removed
     kiln curate pipeline recipes/demo.toml                   several stages in one Spark application
     kiln curate sample   --out data/sample.warc.gz           build the bundled demo WARC
 
@@ -87,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case-sensitive", action="store_true", help="do not fold case before hashing")
     p.add_argument("--keep-whitespace", action="store_true", help="do not collapse whitespace before hashing")
 
+    p = stages.add_parser("dedup-lines", help="ccNet / Llama 3 line dedup across buckets of documents",
+                          description="Lines (normalized: case, digits, punctuation) found in more than "
+                                      "--max-count documents of their bucket of --bucket-docs documents are "
+                                      "removed from every document. Documents left empty are dropped as "
+                                      "line_dedup_empty, shorter than --min-chars as line_dedup_too_short.")
+    _common(p)
+    p.add_argument("--bucket-docs", type=int, help="documents per bucket (default 30000000, as Llama 3)")
+    p.add_argument("--max-count", type=int, help="remove lines seen in more documents than this (default 6)")
+    p.add_argument("--min-chars", type=int, help="drop documents shorter than this after removal (default 50)")
+
     p = stages.add_parser("pipeline", help="run a recipe's stages in one Spark application",
                           description="Run the stages of a TOML recipe (see recipes/demo.toml) and print the funnel.")
     p.add_argument("recipe", help="recipe TOML file")
@@ -139,6 +150,10 @@ def _recipe_for(args):
     elif args.stage == "dedup-url":
         if args.keep_query_order:
             recipe.dedup_url.sort_query = False
+    elif args.stage == "dedup-lines":
+        for opt in ("bucket_docs", "max_count", "min_chars"):
+            if getattr(args, opt) is not None:
+                setattr(recipe.dedup_lines, opt, getattr(args, opt))
     elif args.stage == "dedup-exact":
         if args.case_sensitive:
             recipe.dedup_exact.lowercase = False

@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from kiln.curation import schema
-from kiln.curation.stage import Stage
+from kiln.curation.stage import Stage, apply_stage
 
 URL_KEY, TEXT_HASH = "url_normalized", "text_hash"
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -123,3 +123,125 @@ class ExactDedupStage(Stage):
         keyed = df.withColumn(TEXT_HASH, F.when(F.col(schema.TEXT).isNotNull(), F.sha2(text, 256)))
         order = F.struct(_date_key(newest_first=False).alias("date"), F.col(schema.ID).alias(schema.ID))
         return _mark_duplicates(keyed, TEXT_HASH, order, "exact_duplicate")
+
+
+# --------------------------------------------------------------------------- lines (ccNet / Llama 3)
+
+@dataclass
+class LineDedupConfig:
+    bucket_docs: int = 30_000_000  # documents per bucket (Llama 3: 30M); lines are counted within a bucket
+    max_count: int = 6  # a line in more than this many documents of its bucket is removed everywhere
+    min_chars: int = 50  # documents shorter than this after removal are dropped as line_dedup_too_short
+
+
+def normalize_line(line: str) -> str:
+    """ccNet's normalization for line dedup: case, digits and punctuation do not make
+    a line different ("Page 3 of 10" and "page 4 of 10" are one line)."""
+    import unicodedata
+
+    line = "".join("0" if ch.isdigit() else ch for ch in line.strip().lower()
+                   if not unicodedata.category(ch).startswith("P"))
+    return " ".join(line.split())
+
+
+def line_hash(normalized: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little", signed=True)
+
+
+class LineDedupStage(Stage):
+    """Removes lines repeated across many documents (boilerplate, navigation, legal text).
+
+    Each document falls in one of ceil(N / bucket_docs) buckets by its id. Three
+    distributed passes: (1) every document's distinct normalized-line hashes, counted
+    per bucket; (2) the (bucket, hash) pairs seen in more than `max_count` documents,
+    joined back to the documents that hold them; (3) per document, those lines are
+    removed. A document left empty is dropped as `line_dedup_empty`, one left shorter
+    than `min_chars` as `line_dedup_too_short`. Lines and characters removed are
+    counted in stats.json (`extra.metrics`).
+    """
+
+    name = "dedup_lines"
+    LINES_REMOVED, CHARS_REMOVED, DROP_HASHES = "_lines_removed", "_chars_removed", "_drop_hashes"
+
+    def __init__(self, cfg: LineDedupConfig | None = None):
+        self.cfg = cfg or LineDedupConfig()
+
+    def settings(self) -> dict:
+        return asdict(self.cfg)
+
+    def internal_columns(self) -> list[str]:
+        return [self.LINES_REMOVED, self.CHARS_REMOVED]
+
+    def metrics(self) -> dict:
+        return {"lines_removed": F.coalesce(F.sum(self.LINES_REMOVED), F.lit(0)),
+                "chars_removed": F.coalesce(F.sum(self.CHARS_REMOVED), F.lit(0))}
+
+    def transform(self, df) -> DataFrame:
+        import math
+
+        import pyarrow as pa
+
+        n_buckets = max(1, math.ceil(df.count() / self.cfg.bucket_docs))
+        bucket = (F.abs(F.xxhash64(F.col(schema.ID))) % n_buckets).cast("int")
+        pairs_schema = pa.schema([(schema.ID, pa.string()), ("hash", pa.int64())])
+
+        def doc_line_hashes(batches):
+            for batch in batches:
+                ids, hashes = [], []
+                for id_, text in zip(batch.column(schema.ID).to_pylist(), batch.column(schema.TEXT).to_pylist()):
+                    seen = {line_hash(n) for n in map(normalize_line, (text or "").split("\n")) if n}
+                    ids.extend([id_] * len(seen))
+                    hashes.extend(seen)
+                yield pa.RecordBatch.from_arrays([pa.array(ids, pa.string()), pa.array(hashes, pa.int64())],
+                                                 schema=pairs_schema)
+
+        pairs = (df.select(schema.ID, schema.TEXT).mapInArrow(doc_line_hashes, schema.spark_type(pairs_schema))
+                 .withColumn("bucket", bucket))
+        frequent = (pairs.groupBy("bucket", "hash").count()
+                    .where(F.col("count") > self.cfg.max_count).select("bucket", "hash"))
+        to_drop = (pairs.join(frequent, ["bucket", "hash"])
+                   .groupBy(schema.ID).agg(F.collect_list("hash").alias(self.DROP_HASHES)))
+        # The per-document pass (`process`) runs over the documents with their hashes to drop.
+        return apply_stage(self, df.join(to_drop, on=schema.ID, how="left"))
+
+    def output_fields(self) -> list:
+        import pyarrow as pa
+
+        return [pa.field(schema.TEXT, pa.string()), pa.field(self.LINES_REMOVED, pa.int64()),
+                pa.field(self.CHARS_REMOVED, pa.int64())]
+
+    def removed_fields(self) -> list[str]:
+        return [self.DROP_HASHES]
+
+    def process(self, batch):
+        from kiln.curation.stage import output_schema, set_columns, text_bytes
+
+        texts = batch.column(schema.TEXT).to_pylist()
+        drops = batch.column(self.DROP_HASHES).to_pylist()
+        new_texts, reasons, lines_removed, chars_removed = [], [], [], []
+        for text, drop in zip(texts, drops):
+            drop = set(drop or ())
+            kept, n_lines, n_chars = [], 0, 0
+            for line in (text or "").split("\n"):
+                normalized = normalize_line(line)
+                if normalized and line_hash(normalized) in drop:
+                    n_lines += 1
+                    n_chars += len(line)
+                else:
+                    kept.append(line)
+            new = "\n".join(kept).strip() if n_lines else text
+            reason = None
+            if n_lines and not new:
+                reason = "line_dedup_empty"
+            elif n_lines and len(new) < self.cfg.min_chars:
+                reason = "line_dedup_too_short"
+            new_texts.append(new)
+            reasons.append(reason)
+            lines_removed.append(n_lines)
+            chars_removed.append(n_chars)
+        return set_columns(batch, output_schema(self, batch.schema), {
+            schema.TEXT: new_texts, schema.DROP_REASON: reasons, schema.IN_BYTES: text_bytes(texts),
+            self.LINES_REMOVED: lines_removed, self.CHARS_REMOVED: chars_removed})

@@ -51,6 +51,15 @@ class Stage:
         for batch in batches:
             yield self.process(batch)
 
+    def metrics(self) -> dict:
+        """Extra totals for stats.json: name -> aggregate Column over the stage's output
+        (for example the lines a line-level stage removed)."""
+        return {}
+
+    def internal_columns(self) -> list[str]:
+        """Output columns that feed `metrics` and are not written."""
+        return []
+
     def transform(self, df) -> DataFrame:
         """The stage's output rows. Per-document stages keep this default (their
         `process` per partition); corpus-wide ones (dedup) override it with shuffles."""
@@ -142,12 +151,16 @@ def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
     result = stage.transform(df)
     log(f"[{stage.name}] running")
     if out_dir:
-        stats = _write_outputs(spark, stage.name, result, out_dir, write_dropped)
+        stats = _write_outputs(spark, stage, result, out_dir, write_dropped)
         kept = spark.read.parquet(paths.join(out_dir, DOCS_DIR))
     else:
         result = result.persist(StorageLevel.MEMORY_AND_DISK)
         stats = collect_stats(stage.name, result)
-        kept = result.where(F.col(schema.DROP_REASON).isNull()).drop(schema.DROP_REASON, schema.IN_BYTES)
+        if stage.metrics():
+            row = result.agg(*[c.alias(k) for k, c in stage.metrics().items()]).first()
+            stats.extra["metrics"] = {k: row[k] for k in stage.metrics()}
+        kept = (result.where(F.col(schema.DROP_REASON).isNull())
+                .drop(schema.DROP_REASON, schema.IN_BYTES, *stage.internal_columns()))
     stats.extra["seconds"] = round(time.time() - t0, 2)
     stats.extra["fingerprint"] = fingerprint or stage.fingerprint()
     stats.extra["settings"] = stage.settings()
@@ -162,7 +175,7 @@ def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
 KEPT_PARTITION = f"{schema.DROP_REASON}=__HIVE_DEFAULT_PARTITION__"
 
 
-def _write_outputs(spark: SparkSession, stage_name: str, result: DataFrame, out_dir: str,
+def _write_outputs(spark: SparkSession, stage: Stage, result: DataFrame, out_dir: str,
                    write_dropped: bool) -> StageStats:
     from pyspark.sql import Observation
 
@@ -172,6 +185,7 @@ def _write_outputs(spark: SparkSession, stage_name: str, result: DataFrame, out_
     for name in (DOCS_DIR, DROPPED_DIR, "_staging"):
         paths.remove(paths.join(out_dir, name))
     kept_only = F.when(F.col(schema.DROP_REASON).isNull(), F.col(schema.TEXT))
+    stage_name = stage.name
     totals = Observation(f"kiln-{stage_name}")
     observed = result.observe(
         totals,
@@ -179,12 +193,16 @@ def _write_outputs(spark: SparkSession, stage_name: str, result: DataFrame, out_
         F.coalesce(F.sum(schema.IN_BYTES), F.lit(0)).alias("bytes_in"),
         F.coalesce(F.sum(F.octet_length(kept_only)), F.lit(0)).alias("bytes_kept"),
         F.coalesce(F.sum(F.length(kept_only)), F.lit(0)).alias("chars_kept"),
+        *[c.alias(f"metric_{k}") for k, c in stage.metrics().items()],
     )
-    observed.drop(schema.IN_BYTES).write.partitionBy(schema.DROP_REASON).parquet(staging)
+    (observed.drop(schema.IN_BYTES, *stage.internal_columns())
+     .write.partitionBy(schema.DROP_REASON).parquet(staging))
     metrics = totals.get
 
     stats = StageStats(stage=stage_name, docs_in=metrics["rows"], bytes_in=metrics["bytes_in"],
                        bytes_kept=metrics["bytes_kept"], chars_kept=metrics["chars_kept"])
+    if stage.metrics():
+        stats.extra["metrics"] = {k: metrics[f"metric_{k}"] for k in stage.metrics()}
     for partition, rows in paths.parquet_rows_by_dir(staging).items():
         if partition == KEPT_PARTITION:
             stats.kept = rows
@@ -197,7 +215,7 @@ def _write_outputs(spark: SparkSession, stage_name: str, result: DataFrame, out_
     if stats.kept:
         paths.move(paths.join(staging, KEPT_PARTITION), docs)
     else:  # still a readable, empty table for the next stage
-        kept_schema = result.drop(schema.DROP_REASON, schema.IN_BYTES).schema
+        kept_schema = result.drop(schema.DROP_REASON, schema.IN_BYTES, *stage.internal_columns()).schema
         spark.createDataFrame([], kept_schema).write.parquet(docs)
     if write_dropped and stats.dropped:
         paths.remove(paths.join(staging, "_SUCCESS"))

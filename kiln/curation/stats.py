@@ -107,6 +107,7 @@ def _pct(n: int, total: int) -> float:
 
 def format_funnel(all_stats: list[StageStats]) -> str:
     frame = funnel_frame(all_stats)
+    metrics = {s.stage: s.extra.get("metrics") for s in all_stats}
     header = f"{'stage':<12} {'drop reason':<34} {'docs in':>8} {'kept':>8} {'dropped':>8} {'% of in':>8} {'MB in':>9} {'MB kept':>9}"
     lines = ["", "kiln funnel", header, "-" * len(header)]
     for r in frame.iter_rows(named=True):
@@ -120,6 +121,8 @@ def format_funnel(all_stats: list[StageStats]) -> str:
                 f"{'':<12} {r['reason']:<34} {'':>8} {'':>8} {r['dropped']:>8} "
                 f"{r['pct_dropped']:>7.1f}%"
             )
+        if r["reason"] == "" and metrics.get(r["stage"]):
+            lines.append(f"{'':<12} " + ", ".join(f"{k} {v}" for k, v in metrics[r["stage"]].items()))
     if all_stats:
         first, last = all_stats[0], all_stats[-1]
         lines.append("-" * len(header))

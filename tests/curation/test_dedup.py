@@ -77,3 +77,63 @@ def test_all_identical_documents_leave_one(spark):
     out, stats = run(spark, ExactDedupStage(), rows, partitions=8)
     assert [k for k, v in out.items() if v is None] == ["id000"]
     assert stats.dropped == {"exact_duplicate": 199}
+
+
+# ----------------------------------------------------------------- line dedup
+
+from kiln.curation.dedup import LineDedupConfig, LineDedupStage, normalize_line  # noqa: E402
+
+BOILER = "Subscribe to our newsletter for weekly updates!"
+BODY = [f"This paragraph talks about {w}, a different subject, with enough words to matter here."
+        for w in ("rivers", "bridges", "markets", "schools", "mills", "bells", "roads", "farms", "floods",
+                  "hills", "libraries", "trains")]
+
+
+def test_normalize_line_ignores_case_digits_punctuation():
+    assert normalize_line("  Page 3 of 10. ") == normalize_line("page 4 of 12") == "page 0 of 00"
+
+
+def line_docs():
+    rows = []
+    for i in range(7):  # BOILER in 7 documents (> 6): removed from all of them
+        rows.append((f"b{i}", f"http://x.test/b{i}", f"{BODY[i]}\n{BOILER}\nPage {i} of 9", day(1)))
+    rows.append(("only", "http://x.test/only", BOILER, day(1)))  # nothing left
+    rows.append(("short", "http://x.test/short", f"Hi there.\n{BOILER}", day(1)))  # too short after
+    rows.append(("clean", "http://x.test/clean", BODY[10], day(1)))
+    return rows
+
+
+def test_line_dedup_removes_exactly_lines_over_the_threshold(spark):
+    out, stats = run(spark, LineDedupStage(LineDedupConfig(max_count=6, min_chars=20)), line_docs())
+    assert out == {**{f"b{i}": None for i in range(7)}, "only": "line_dedup_empty",
+                   "short": "line_dedup_too_short", "clean": None}
+    # BOILER sits in 9 documents and "page N of 9" in 7: both over 6, so both go everywhere.
+    assert stats.extra["metrics"] == {"lines_removed": 9 + 7,
+                                      "chars_removed": 9 * len(BOILER) + 7 * len("Page 0 of 9")}
+
+
+def test_line_dedup_keeps_lines_at_the_threshold(spark):
+    rows = [r for r in line_docs() if r[0] not in ("b0", "b1", "b2")]  # BOILER in 6 docs, "page" line in 4
+    out, stats = run(spark, LineDedupStage(LineDedupConfig(max_count=6, min_chars=20)), rows)
+    assert all(v is None for v in out.values())
+    assert stats.extra["metrics"] == {"lines_removed": 0, "chars_removed": 0}
+
+
+def test_line_counts_are_per_bucket(spark):
+    from collections import Counter
+
+    from pyspark.sql import functions as F
+
+    rows = line_docs()
+    # 10 documents, bucket_docs=1: ten buckets by abs(xxhash64(id)) % 10. A line is removed
+    # (max_count=1) only where two documents of one bucket share it.
+    buckets = {r["id"]: r["b"] for r in spark.createDataFrame([(r[0],) for r in rows], "id string")
+               .select("id", (F.abs(F.xxhash64("id")) % 10).alias("b")).collect()}
+    per_bucket = Counter()
+    for id_, _, text, _ in rows:
+        for line in {normalize_line(x) for x in text.split("\n")}:
+            per_bucket[(buckets[id_], line)] += 1
+    expected = sum(n for n in per_bucket.values() if n > 1)
+    assert expected < 16  # fewer than with one bucket: the buckets do split the counts
+    out, stats = run(spark, LineDedupStage(LineDedupConfig(bucket_docs=1, max_count=1, min_chars=0)), rows)
+    assert stats.extra["metrics"]["lines_removed"] == expected
