@@ -5,7 +5,8 @@
     kiln curate filter   --input OUT2 --output OUT3          Gopher / C4 / FineWeb / Llama 3 filters
     kiln curate dedup-url   --input OUT3 --output OUT4       newest page per normalized URL
     kiln curate dedup-exact --input OUT4 --output OUT5       one copy of each text
-    kiln curate dedup-lines --input OUT5 --output OUT6       lines repeated across documents removed
+    kiln curate dedup-minhash --input OUT5 --output OUT6     MinHash-LSH near-duplicates
+    kiln curate dedup-lines --input OUT6 --output OUT7       lines repeated across documents removed
     kiln curate pipeline recipes/demo.toml                   several stages in one Spark application
     kiln curate sample   --out data/sample.warc.gz           build the bundled demo WARC
 
@@ -88,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case-sensitive", action="store_true", help="do not fold case before hashing")
     p.add_argument("--keep-whitespace", action="store_true", help="do not collapse whitespace before hashing")
 
+    p = stages.add_parser("dedup-minhash", help="MinHash-LSH fuzzy dedup with connected components in Spark",
+                          description="Word 5-gram shingles (character n-grams for CJK), datasketch MinHash "
+                                      "signatures, LSH with --bands x --rows (default 14 x 8, as FineWeb), "
+                                      "connected components in Spark. The smallest id of each component is kept; "
+                                      "the others are dropped as minhash_duplicate. Adds minhash_cluster.")
+    _common(p)
+    p.add_argument("--ngram", type=int, help="words per shingle (default 5)")
+    p.add_argument("--bands", type=int, help="LSH bands (default 14)")
+    p.add_argument("--rows", type=int, help="hash values per band (default 8)")
+    p.add_argument("--per-language", action="store_true", help="only documents of the same lang can be duplicates")
+
     p = stages.add_parser("dedup-lines", help="ccNet / Llama 3 line dedup across buckets of documents",
                           description="Lines (normalized: case, digits, punctuation) found in more than "
                                       "--max-count documents of their bucket of --bucket-docs documents are "
@@ -150,6 +162,12 @@ def _recipe_for(args):
     elif args.stage == "dedup-url":
         if args.keep_query_order:
             recipe.dedup_url.sort_query = False
+    elif args.stage == "dedup-minhash":
+        for opt in ("ngram", "bands", "rows"):
+            if getattr(args, opt) is not None:
+                setattr(recipe.dedup_minhash, opt, getattr(args, opt))
+        if args.per_language:
+            recipe.dedup_minhash.per_language = True
     elif args.stage == "dedup-lines":
         for opt in ("bucket_docs", "max_count", "min_chars"):
             if getattr(args, opt) is not None:

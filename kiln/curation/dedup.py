@@ -245,3 +245,130 @@ class LineDedupStage(Stage):
         return set_columns(batch, output_schema(self, batch.schema), {
             schema.TEXT: new_texts, schema.DROP_REASON: reasons, schema.IN_BYTES: text_bytes(texts),
             self.LINES_REMOVED: lines_removed, self.CHARS_REMOVED: chars_removed})
+
+
+# --------------------------------------------------------------------------- MinHash-LSH
+
+@dataclass
+class MinHashConfig:
+    ngram: int = 5  # word n-gram shingles (characters one by one for CJK scripts, see filters.llama3.tokens)
+    bands: int = 14  # LSH bands (FineWeb: 14 x 8)
+    rows: int = 8  # hash values per band
+    seed: int = 1  # MinHash permutation seed
+    max_shingles: int = 100_000  # shingles per document beyond this are ignored (very long documents)
+    per_language: bool = False  # only documents of the same `lang` can be duplicates
+    max_iterations: int = 50  # connected-components rounds before giving up (a stage error, not a silent cut)
+
+
+def shingles(text: str, n: int, limit: int) -> set[bytes]:
+    """Word n-grams of the normalized text. CJK characters are tokens of their own, so
+    unsegmented scripts get character n-grams; a text shorter than n is one shingle."""
+    from kiln.curation.filters.llama3 import tokens
+
+    toks = tokens(text or "")
+    if not toks:
+        return set()
+    if len(toks) < n:
+        return {" ".join(toks).encode()}
+    return {" ".join(toks[i:i + n]).encode() for i in range(min(len(toks) - n + 1, limit))}
+
+
+def connected_components(edges: DataFrame, max_iterations: int = 50) -> DataFrame:
+    """(id, component) for every node of an undirected edge list (src, dst), computed in
+    Spark by iterated minimum-label propagation: each round every node takes the
+    smallest label among itself and its neighbours, until no label changes. The
+    component is the smallest id in it. Each round is a join and a groupBy; nothing
+    but the count of changed labels reaches the driver."""
+    both = edges.select("src", "dst").union(edges.select(F.col("dst").alias("src"), F.col("src").alias("dst")))
+    both = both.distinct().localCheckpoint()
+    labels = both.select(F.col("src").alias("id")).distinct().withColumn("label", F.col("id")).localCheckpoint()
+    for _ in range(max_iterations):
+        proposals = (both.join(labels.withColumnRenamed("id", "dst").withColumnRenamed("label", "nlabel"), "dst")
+                     .groupBy(F.col("src").alias("id")).agg(F.min("nlabel").alias("nlabel")))
+        updated = (labels.join(proposals, "id", "left")
+                   .select("id", F.least("label", F.coalesce("nlabel", "label")).alias("new"), "label")
+                   .localCheckpoint())
+        changed = updated.where(F.col("new") != F.col("label")).count()
+        labels = updated.select("id", F.col("new").alias("label"))
+        if changed == 0:
+            return labels.withColumnRenamed("label", "component")
+    raise RuntimeError(f"connected components did not converge in {max_iterations} rounds")
+
+
+class MinHashDedupStage(Stage):
+    """Fuzzy dedup: MinHash signatures (datasketch, vectorized per document), LSH bands,
+    connected components in Spark; one document kept per component.
+
+    Kept: the component's smallest id (documented rule: deterministic, independent of
+    partitioning). The others are dropped as `minhash_duplicate`; every document gets
+    `minhash_cluster` (its component's smallest id; its own id when it has no match).
+    Candidate edges join each band bucket's documents to the bucket's smallest id (a
+    star), so a bucket of k documents gives k-1 edges, not k^2/2 pairs.
+    """
+
+    name = "dedup_minhash"
+    CLUSTER = "minhash_cluster"
+
+    def __init__(self, cfg: MinHashConfig | None = None):
+        self.cfg = cfg or MinHashConfig()
+
+    def settings(self) -> dict:
+        return asdict(self.cfg)
+
+    def output_fields(self) -> list:
+        import pyarrow as pa
+
+        return [pa.field(self.CLUSTER, pa.string())]
+
+    def band_rows(self, batches):
+        """(id, lang, band, band_hash) for every band of every non-empty document."""
+        import hashlib
+
+        import pyarrow as pa
+        from datasketch import MinHash
+
+        cfg = self.cfg
+        out_schema = pa.schema([(schema.ID, pa.string()), ("lang", pa.string()), ("band", pa.int32()),
+                                ("band_hash", pa.int64())])
+        mh = MinHash(num_perm=cfg.bands * cfg.rows, seed=cfg.seed)
+        for batch in batches:
+            ids, langs, bands, hashes = [], [], [], []
+            texts = batch.column(schema.TEXT).to_pylist()
+            doc_langs = (batch.column(schema.LANG).to_pylist() if schema.LANG in batch.schema.names
+                         else [None] * batch.num_rows)
+            for id_, text, lang in zip(batch.column(schema.ID).to_pylist(), texts, doc_langs):
+                sh = shingles(text, cfg.ngram, cfg.max_shingles)
+                if not sh:
+                    continue
+                mh.clear()
+                mh.update_batch(list(sh))
+                values = mh.hashvalues
+                for b in range(cfg.bands):
+                    digest = hashlib.blake2b(values[b * cfg.rows:(b + 1) * cfg.rows].tobytes(), digest_size=8)
+                    ids.append(id_)
+                    langs.append((lang or "") if cfg.per_language else "")
+                    bands.append(b)
+                    hashes.append(int.from_bytes(digest.digest(), "little", signed=True))
+            yield pa.RecordBatch.from_arrays([pa.array(ids, pa.string()), pa.array(langs, pa.string()),
+                                              pa.array(bands, pa.int32()), pa.array(hashes, pa.int64())],
+                                             schema=out_schema)
+
+    def transform(self, df) -> DataFrame:
+        import pyarrow as pa
+
+        band_schema = pa.schema([(schema.ID, pa.string()), ("lang", pa.string()), ("band", pa.int32()),
+                                 ("band_hash", pa.int64())])
+        cols = [schema.ID, schema.TEXT] + ([schema.LANG] if schema.LANG in df.columns else [])
+        bands = df.select(*cols).mapInArrow(self.band_rows, schema.spark_type(band_schema))
+        key = ["lang", "band", "band_hash"]
+        roots = bands.groupBy(*key).agg(F.min(schema.ID).alias("root"))
+        edges = (bands.join(roots, key).where(F.col(schema.ID) != F.col("root"))
+                 .select(F.col(schema.ID).alias("src"), F.col("root").alias("dst")).distinct())
+        components = connected_components(edges, self.cfg.max_iterations)
+        joined = df.join(components, schema.ID, "left")
+        cluster = F.coalesce(F.col("component"), F.col(schema.ID))
+        return (joined.withColumn(self.CLUSTER, cluster)
+                .withColumn(schema.DROP_REASON,
+                            F.when(cluster != F.col(schema.ID), F.lit("minhash_duplicate")).cast("string"))
+                .withColumn(schema.IN_BYTES, F.coalesce(F.octet_length(schema.TEXT), F.lit(0)).cast("long"))
+                .drop("component"))

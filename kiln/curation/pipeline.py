@@ -8,7 +8,8 @@
 
     [read]      # ReadConfig     [extract]  # ExtractConfig
     [langid]    # LangIdConfig   [filter.gopher_quality] ...  # see kiln.curation.filters
-    [dedup_url] # UrlDedupConfig [dedup_exact] # ExactDedupConfig  [dedup_lines] # LineDedupConfig
+    [dedup_url] # UrlDedupConfig [dedup_exact] # ExactDedupConfig
+    [dedup_minhash] # MinHashConfig  [dedup_lines] # LineDedupConfig
 
 Each stage writes `OUT/NN_<stage>/{docs,dropped,stats.json}`; the run ends with the
 funnel printed and saved as `OUT/funnel.json`. A relaunch reuses every stage whose
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from kiln.config import ConfigError, from_dict, load_toml
 from kiln.curation import paths, schema
 from kiln.curation.dedup import (ExactDedupConfig, ExactDedupStage, LineDedupConfig, LineDedupStage,
-                                 UrlDedupConfig, UrlDedupStage)
+                                 MinHashConfig, MinHashDedupStage, UrlDedupConfig, UrlDedupStage)
 from kiln.curation.extract import ExtractConfig, ExtractStage
 from kiln.curation.filters import FilterStage, filter_specs
 from kiln.curation.langid import LangIdConfig, LangIdStage
@@ -34,7 +35,7 @@ from kiln.curation.readers import ReadConfig, read_raw
 from kiln.curation.stage import DOCS_DIR, Stage, completed_stage, run_stage
 from kiln.curation.stats import StageStats, format_funnel
 
-STAGE_NAMES = ["extract", "langid", "filter", "dedup_url", "dedup_exact", "dedup_lines"]
+STAGE_NAMES = ["extract", "langid", "filter", "dedup_url", "dedup_exact", "dedup_minhash", "dedup_lines"]
 DEFAULT_STAGES = ["extract", "langid", "filter"]
 
 
@@ -57,9 +58,11 @@ class Recipe:
     dedup_url: UrlDedupConfig
     dedup_exact: ExactDedupConfig
     dedup_lines: LineDedupConfig
+    dedup_minhash: MinHashConfig
 
 
-SECTIONS = ("pipeline", "read", "extract", "langid", "filter", "dedup_url", "dedup_exact", "dedup_lines")
+SECTIONS = ("pipeline", "read", "extract", "langid", "filter", "dedup_url", "dedup_exact", "dedup_minhash",
+            "dedup_lines")
 
 
 def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
@@ -75,6 +78,7 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
         dedup_url=from_dict(UrlDedupConfig, data.get("dedup_url", {}), f"{where}: [dedup_url]"),
         dedup_exact=from_dict(ExactDedupConfig, data.get("dedup_exact", {}), f"{where}: [dedup_exact]"),
         dedup_lines=from_dict(LineDedupConfig, data.get("dedup_lines", {}), f"{where}: [dedup_lines]"),
+        dedup_minhash=from_dict(MinHashConfig, data.get("dedup_minhash", {}), f"{where}: [dedup_minhash]"),
     )
     bad = [s for s in recipe.pipeline.stages if s not in STAGE_NAMES]
     if bad:
@@ -104,6 +108,8 @@ def build_stage(name: str, recipe: Recipe) -> Stage:
         return ExactDedupStage(recipe.dedup_exact)
     if name == "dedup_lines":
         return LineDedupStage(recipe.dedup_lines)
+    if name == "dedup_minhash":
+        return MinHashDedupStage(recipe.dedup_minhash)
     raise ConfigError(f"unknown stage {name!r}")
 
 

@@ -108,26 +108,26 @@ def _pct(n: int, total: int) -> float:
 def format_funnel(all_stats: list[StageStats]) -> str:
     frame = funnel_frame(all_stats)
     metrics = {s.stage: s.extra.get("metrics") for s in all_stats}
-    header = f"{'stage':<12} {'drop reason':<34} {'docs in':>8} {'kept':>8} {'dropped':>8} {'% of in':>8} {'MB in':>9} {'MB kept':>9}"
+    header = f"{'stage':<14} {'drop reason':<34} {'docs in':>8} {'kept':>8} {'dropped':>8} {'% of in':>8} {'MB in':>9} {'MB kept':>9}"
     lines = ["", "kiln funnel", header, "-" * len(header)]
     for r in frame.iter_rows(named=True):
         if r["reason"] == "":
             lines.append(
-                f"{r['stage']:<12} {'(all)':<34} {r['docs']:>8} {r['kept']:>8} {r['dropped']:>8} "
+                f"{r['stage']:<14} {'(all)':<34} {r['docs']:>8} {r['kept']:>8} {r['dropped']:>8} "
                 f"{r['pct_dropped']:>7.1f}% {r['mb_in']:>9.2f} {r['mb_kept']:>9.2f}"
             )
         else:
             lines.append(
-                f"{'':<12} {r['reason']:<34} {'':>8} {'':>8} {r['dropped']:>8} "
+                f"{'':<14} {r['reason']:<34} {'':>8} {'':>8} {r['dropped']:>8} "
                 f"{r['pct_dropped']:>7.1f}%"
             )
         if r["reason"] == "" and metrics.get(r["stage"]):
-            lines.append(f"{'':<12} " + ", ".join(f"{k} {v}" for k, v in metrics[r["stage"]].items()))
+            lines.append(f"{'':<14} " + ", ".join(f"{k} {v}" for k, v in metrics[r["stage"]].items()))
     if all_stats:
         first, last = all_stats[0], all_stats[-1]
         lines.append("-" * len(header))
         lines.append(
-            f"{'total':<12} {'':<34} {first.docs_in:>8} {last.kept:>8} "
+            f"{'total':<14} {'':<34} {first.docs_in:>8} {last.kept:>8} "
             f"{first.docs_in - last.kept:>8} {_pct(first.docs_in - last.kept, first.docs_in):>7.1f}%"
         )
     return "\n".join(lines)

@@ -137,3 +137,51 @@ def test_line_counts_are_per_bucket(spark):
     assert expected < 16  # fewer than with one bucket: the buckets do split the counts
     out, stats = run(spark, LineDedupStage(LineDedupConfig(bucket_docs=1, max_count=1, min_chars=0)), rows)
     assert stats.extra["metrics"]["lines_removed"] == expected
+
+
+# ----------------------------------------------------------------- MinHash
+
+from kiln.curation.dedup import MinHashDedupStage, connected_components  # noqa: E402
+from tests.conftest import docstrings, locale_sentences  # noqa: E402
+
+
+def test_connected_components_follow_transitive_chains(spark):
+    edges = spark.createDataFrame([("b", "a"), ("c", "b"), ("e", "d"), ("g", "f"), ("h", "g")], "src string, dst string")
+    got = {r["id"]: r["component"] for r in connected_components(edges).collect()}
+    # a~b and b~c put a and c in one component although no edge joins them
+    assert got == {"a": "a", "b": "a", "c": "a", "d": "d", "e": "d", "f": "f", "g": "f", "h": "f"}
+
+
+def _edit(text: str, every: int) -> str:
+    words = text.split()
+    return " ".join(w.upper() + "x" if i % every == 0 else w for i, w in enumerate(words))
+
+
+def minhash_docs():
+    bases = [d for d in docstrings("argparse") + docstrings("difflib") if len(d.split()) > 120][:6]
+    rows = []
+    for i, text in enumerate(bases):
+        rows.append((f"d{i}0", f"http://m.test/{i}/0", text, day(1)))
+        rows.append((f"d{i}1", f"http://m.test/{i}/1", _edit(text, 60), day(2)))  # ~3 % of words changed
+    zh = "".join(locale_sentences("zh_CN", min_chars=20, limit=30))
+    rows.append(("z0", "http://m.test/zh/0", zh, day(1)))
+    rows.append(("z1", "http://m.test/zh/1", zh[:-3] + "。", day(1)))  # unsegmented script: char n-grams
+    rows.append(("empty", "http://m.test/empty", "", day(1)))
+    return rows
+
+
+def test_minhash_finds_near_duplicates_and_keeps_the_smallest_id(spark):
+    rows = minhash_docs()
+    expected = {r[0]: ("minhash_duplicate" if r[0].endswith("1") else None) for r in rows}
+    for partitions in (1, 5):
+        out, stats = run(spark, MinHashDedupStage(), rows, partitions)
+        assert out == expected
+        assert stats.dropped == {"minhash_duplicate": 7}
+
+
+def test_minhash_cluster_column(spark):
+    df = spark.createDataFrame(minhash_docs(), SCHEMA)
+    result = run_stage(spark, MinHashDedupStage(), df, None, log=lambda m: None)
+    clusters = {r["id"]: r["minhash_cluster"] for r in result.result.collect()}
+    result.unpersist()
+    assert clusters["d31"] == "d30" and clusters["d30"] == "d30" and clusters["empty"] == "empty"
