@@ -258,6 +258,16 @@ class MinHashConfig:
     max_shingles: int = 100_000  # shingles per document beyond this are ignored (very long documents)
     per_language: bool = False  # only documents of the same `lang` can be duplicates
     max_iterations: int = 50  # connected-components rounds before giving up (a stage error, not a silent cut)
+    threshold: float = 0.0  # when set, bands x rows are chosen for this Jaccard (datasketch's optimum over bands*rows hashes)
+    verify: bool = False  # compute the exact shingle Jaccard of every candidate pair and drop pairs below verify_threshold
+    verify_threshold: float = 0.7  # the Jaccard a verified pair needs
+
+    def band_rows(self) -> tuple[int, int]:
+        if not self.threshold:
+            return self.bands, self.rows
+        from datasketch.lsh import _optimal_param
+
+        return _optimal_param(self.threshold, self.bands * self.rows, 0.5, 0.5)
 
 
 def shingles(text: str, n: int, limit: int) -> set[bytes]:
@@ -307,7 +317,7 @@ class MinHashDedupStage(Stage):
     """
 
     name = "dedup_minhash"
-    CLUSTER = "minhash_cluster"
+    CLUSTER, CLUSTER_SIZE = "minhash_cluster", "_cluster_size"
 
     def __init__(self, cfg: MinHashConfig | None = None):
         self.cfg = cfg or MinHashConfig()
@@ -320,7 +330,7 @@ class MinHashDedupStage(Stage):
 
         return [pa.field(self.CLUSTER, pa.string())]
 
-    def band_rows(self, batches):
+    def band_hashes(self, batches):
         """(id, lang, band, band_hash) for every band of every non-empty document."""
         import hashlib
 
@@ -328,9 +338,10 @@ class MinHashDedupStage(Stage):
         from datasketch import MinHash
 
         cfg = self.cfg
+        n_bands, n_rows = cfg.band_rows()
         out_schema = pa.schema([(schema.ID, pa.string()), ("lang", pa.string()), ("band", pa.int32()),
                                 ("band_hash", pa.int64())])
-        mh = MinHash(num_perm=cfg.bands * cfg.rows, seed=cfg.seed)
+        mh = MinHash(num_perm=n_bands * n_rows, seed=cfg.seed)
         for batch in batches:
             ids, langs, bands, hashes = [], [], [], []
             texts = batch.column(schema.TEXT).to_pylist()
@@ -343,8 +354,8 @@ class MinHashDedupStage(Stage):
                 mh.clear()
                 mh.update_batch(list(sh))
                 values = mh.hashvalues
-                for b in range(cfg.bands):
-                    digest = hashlib.blake2b(values[b * cfg.rows:(b + 1) * cfg.rows].tobytes(), digest_size=8)
+                for b in range(n_bands):
+                    digest = hashlib.blake2b(values[b * n_rows:(b + 1) * n_rows].tobytes(), digest_size=8)
                     ids.append(id_)
                     langs.append((lang or "") if cfg.per_language else "")
                     bands.append(b)
@@ -359,16 +370,57 @@ class MinHashDedupStage(Stage):
         band_schema = pa.schema([(schema.ID, pa.string()), ("lang", pa.string()), ("band", pa.int32()),
                                  ("band_hash", pa.int64())])
         cols = [schema.ID, schema.TEXT] + ([schema.LANG] if schema.LANG in df.columns else [])
-        bands = df.select(*cols).mapInArrow(self.band_rows, schema.spark_type(band_schema))
+        bands = df.select(*cols).mapInArrow(self.band_hashes, schema.spark_type(band_schema))
         key = ["lang", "band", "band_hash"]
         roots = bands.groupBy(*key).agg(F.min(schema.ID).alias("root"))
         edges = (bands.join(roots, key).where(F.col(schema.ID) != F.col("root"))
                  .select(F.col(schema.ID).alias("src"), F.col("root").alias("dst")).distinct())
+        if self.cfg.verify:
+            edges = self.verified(edges, df)
         components = connected_components(edges, self.cfg.max_iterations)
         joined = df.join(components, schema.ID, "left")
         cluster = F.coalesce(F.col("component"), F.col(schema.ID))
-        return (joined.withColumn(self.CLUSTER, cluster)
+        joined = joined.withColumn(self.CLUSTER, cluster).drop("component")
+        sizes = joined.groupBy(self.CLUSTER).agg(F.count(F.lit(1)).alias(self.CLUSTER_SIZE))
+        return (joined.join(sizes, self.CLUSTER)
                 .withColumn(schema.DROP_REASON,
-                            F.when(cluster != F.col(schema.ID), F.lit("minhash_duplicate")).cast("string"))
-                .withColumn(schema.IN_BYTES, F.coalesce(F.octet_length(schema.TEXT), F.lit(0)).cast("long"))
-                .drop("component"))
+                            F.when(F.col(self.CLUSTER) != F.col(schema.ID), F.lit("minhash_duplicate")).cast("string"))
+                .withColumn(schema.IN_BYTES, F.coalesce(F.octet_length(schema.TEXT), F.lit(0)).cast("long")))
+
+    def verified(self, edges: DataFrame, df: DataFrame) -> DataFrame:
+        """The candidate edges whose exact shingle Jaccard reaches verify_threshold."""
+        import pyarrow as pa
+
+        texts = df.select(schema.ID, schema.TEXT)
+        pairs = (edges.join(texts.withColumnRenamed(schema.ID, "src").withColumnRenamed(schema.TEXT, "src_text"), "src")
+                 .join(texts.withColumnRenamed(schema.ID, "dst").withColumnRenamed(schema.TEXT, "dst_text"), "dst"))
+        cfg = self.cfg
+        out_schema = pa.schema([("src", pa.string()), ("dst", pa.string())])
+
+        def check(batches):
+            for batch in batches:
+                d = {name: batch.column(name).to_pylist() for name in ("src", "dst", "src_text", "dst_text")}
+                keep = [i for i in range(batch.num_rows)
+                        if jaccard(shingles(d["src_text"][i], cfg.ngram, cfg.max_shingles),
+                                   shingles(d["dst_text"][i], cfg.ngram, cfg.max_shingles)) >= cfg.verify_threshold]
+                yield pa.RecordBatch.from_arrays([pa.array([d["src"][i] for i in keep], pa.string()),
+                                                  pa.array([d["dst"][i] for i in keep], pa.string())],
+                                                 schema=out_schema)
+
+        return pairs.mapInArrow(check, schema.spark_type(out_schema))
+
+    def internal_columns(self) -> list[str]:
+        return [self.CLUSTER_SIZE]
+
+    def metrics(self) -> dict:
+        """Clusters by size (counted at each cluster's kept document), for stats.json."""
+        kept, size = F.col(schema.DROP_REASON).isNull(), F.col(self.CLUSTER_SIZE)
+        buckets = {"clusters_size_1": size == 1, "clusters_size_2": size == 2,
+                   "clusters_size_3_to_4": size.between(3, 4), "clusters_size_5_to_16": size.between(5, 16),
+                   "clusters_size_17_up": size >= 17}
+        return {name: F.coalesce(F.sum(F.when(kept & cond, 1).otherwise(0)), F.lit(0))
+                for name, cond in buckets.items()}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0

@@ -185,3 +185,27 @@ def test_minhash_cluster_column(spark):
     clusters = {r["id"]: r["minhash_cluster"] for r in result.result.collect()}
     result.unpersist()
     assert clusters["d31"] == "d30" and clusters["d30"] == "d30" and clusters["empty"] == "empty"
+
+
+def test_minhash_verification_and_cluster_sizes(spark):
+    from kiln.curation.dedup import MinHashConfig
+
+    rows = minhash_docs()
+    out, stats = run(spark, MinHashDedupStage(MinHashConfig(verify=True, verify_threshold=0.5)), rows)
+    assert stats.dropped == {"minhash_duplicate": 7}  # the planted pairs are all above 0.5
+    assert stats.extra["metrics"] == {"clusters_size_1": 1, "clusters_size_2": 7, "clusters_size_3_to_4": 0,
+                                      "clusters_size_5_to_16": 0, "clusters_size_17_up": 0}
+    # Verified at 0.99, the English pairs (about 0.8-0.9) are rejected; the Chinese pair,
+    # three characters apart in a long text, is still one cluster.
+    out, stats = run(spark, MinHashDedupStage(MinHashConfig(verify=True, verify_threshold=0.99)), rows)
+    assert {k for k, v in out.items() if v} == {"z1"}
+    assert stats.extra["metrics"]["clusters_size_1"] == len(rows) - 2
+
+
+def test_bands_and_rows_from_a_threshold():
+    from datasketch.lsh import _optimal_param
+
+    from kiln.curation.dedup import MinHashConfig
+
+    assert MinHashConfig().band_rows() == (14, 8)
+    assert MinHashConfig(threshold=0.7).band_rows() == _optimal_param(0.7, 112, 0.5, 0.5)
