@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", type=int, help="LSH bands (default 14)")
     p.add_argument("--rows", type=int, help="hash values per band (default 8)")
     p.add_argument("--per-language", action="store_true", help="only documents of the same lang can be duplicates")
+    p.add_argument("--threshold", type=float, help="choose bands x rows for this Jaccard instead")
+    p.add_argument("--verify", type=float, metavar="JACCARD",
+                   help="verify candidate pairs: keep only those with exact shingle Jaccard >= JACCARD")
 
     p = stages.add_parser("dedup-lines", help="ccNet / Llama 3 line dedup across buckets of documents",
                           description="Lines (normalized: case, digits, punctuation) found in more than "
@@ -168,6 +171,10 @@ def _recipe_for(args):
                 setattr(recipe.dedup_minhash, opt, getattr(args, opt))
         if args.per_language:
             recipe.dedup_minhash.per_language = True
+        if args.threshold is not None:
+            recipe.dedup_minhash.threshold = args.threshold
+        if args.verify is not None:
+            recipe.dedup_minhash.verify, recipe.dedup_minhash.verify_threshold = True, args.verify
     elif args.stage == "dedup-lines":
         for opt in ("bucket_docs", "max_count", "min_chars"):
             if getattr(args, opt) is not None:
