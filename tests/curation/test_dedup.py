@@ -209,3 +209,15 @@ def test_bands_and_rows_from_a_threshold():
 
     assert MinHashConfig().band_rows() == (14, 8)
     assert MinHashConfig(threshold=0.7).band_rows() == _optimal_param(0.7, 112, 0.5, 0.5)
+
+
+def test_minhash_single_document_and_all_identical(spark):
+    out, stats = run(spark, MinHashDedupStage(), [("only", "http://x.test/", "A single document here.", day(1))])
+    assert out == {"only": None}
+    # One band bucket holds the whole corpus: a star of 199 edges, one component, one survivor.
+    text = " ".join(docstrings("argparse")[:2])
+    rows = [(f"id{i:03d}", f"http://x.test/{i}", text, day(1)) for i in range(200)]
+    out, stats = run(spark, MinHashDedupStage(), rows, partitions=8)
+    assert [k for k, v in out.items() if v is None] == ["id000"]
+    assert stats.dropped == {"minhash_duplicate": 199}
+    assert stats.extra["metrics"]["clusters_size_17_up"] == 1
