@@ -300,11 +300,11 @@ def summarize(pairs, measured, args) -> list[dict]:
     for b, (lo, hi) in enumerate(BUCKETS):
         idx = [i for i, p in enumerate(pairs) if p["bucket"] == b]
         trials = len(idx) * args.repeats
-        theory = sum(p_detect(pairs[i]["s"], args.bands, args.rows) for i in idx) / len(idx) if idx else float("nan")
+        probs = [p_detect(pairs[i]["s"], args.bands, args.rows) for i in idx]
+        theory = sum(probs) / len(probs) if probs else float("nan")
         rate = sum(hits[i] for i in idx) / trials if trials else float("nan")
         # SE of the measured rate if the theory holds: the yardstick for the +/-0.05 target.
-        se = math.sqrt(sum(p_detect(pairs[i]["s"], args.bands, args.rows) * (1 - p_detect(pairs[i]["s"], args.bands, args.rows))
-                           for i in idx) * args.repeats) / trials if trials else float("nan")
+        se = math.sqrt(sum(q * (1 - q) for q in probs) * args.repeats) / trials if trials else float("nan")
         row = {"bucket": f"[{lo:.1f},{hi:.1f}{']' if hi >= 1.0 else ')'}", "pairs": len(idx), "trials": trials,
                "s_mean": sum(pairs[i]["s"] for i in idx) / len(idx) if idx else float("nan"),
                "s_min": min((pairs[i]["s"] for i in idx), default=float("nan")),
@@ -354,7 +354,7 @@ def render(report: dict) -> str:
     lines = [
         f"# MinHash dedup quality ({report['date']})", "",
         f"- machine: {m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM; Spark local[{cfg['cores']}]",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         f"- MinHash: b={cfg['bands']} bands x r={cfg['rows']} rows, {cfg['ngram']}-gram word shingles, "
         f"seeds {cfg['seed']}..{cfg['seed'] + cfg['repeats'] - 1} ({cfg['repeats']} runs, trials pooled)",
         f"- corpus: {report['corpus']['documents']} documents = {report['corpus']['pairs']} planted pairs, each with "
