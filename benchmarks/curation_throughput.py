@@ -35,17 +35,13 @@ The table is printed and written with a JSON of the same numbers to
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import date
-from importlib.metadata import version
 from pathlib import Path
 
 # Before pyspark is imported: no network, loopback only, and Spark's Python
@@ -58,6 +54,7 @@ import orjson  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from common import log, machine, versions, warm_up, write_results  # noqa: E402
 from kiln.curation import schema  # noqa: E402
 from kiln.curation.extract import ExtractConfig, ExtractStage, decode_html, extract_main_content  # noqa: E402
 from kiln.curation.filters import FilterStage, filter_specs  # noqa: E402
@@ -179,10 +176,6 @@ class Neighbours:
         return procs
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
 def wait_until_quiet(max_wait: float) -> None:
     """Before a measurement, wait up to `max_wait` s for 3 s in which other processes stay idle.
 
@@ -294,22 +287,6 @@ def bench_extract_plain_from_warc(in_dir: Path, extract_cfg: ExtractConfig) -> M
                         chars += len(result[0])
     return Measurement("extract / plain loop reading the WARCs (warcio + trafilatura)", 1, docs, timer.seconds,
                        kept, chars, timer.other_cpu_s, {})
-
-
-def warm_up(spark, cores: int) -> None:
-    """A tiny job that starts Spark's Python workers before anything is timed.
-
-    Session and worker start-up is a fixed cost paid once per application, not per
-    document; on a 20-30 s measurement it would blur the per-document rate we compare.
-    (It does not warm the JVM's compiled code paths: see the two kiln runs in main.)
-    """
-    from pyspark.sql.types import LongType, StructField, StructType
-
-    def identity(batches):
-        yield from batches
-
-    (spark.range(0, 4 * cores, numPartitions=cores)
-     .mapInArrow(identity, StructType([StructField("id", LongType())])).collect())
 
 
 def copy_warcs(warc: Path, repeat: int, workdir: Path) -> Path:
@@ -444,30 +421,6 @@ def bench_filter_kiln(spark, parquet_dir: Path, name: str, n_docs: int, cores: i
 # --------------------------------------------------------------------------- report
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return {"hostname": socket.gethostname(), "nproc": os.cpu_count(), "cpu": cpu, "ram_gib": ram_gib,
-            "python": platform.python_version(), "os": platform.platform()}
-
-
-def versions() -> dict:
-    return {pkg: version(pkg) for pkg in ("kiln", "pyspark", "trafilatura", "datatrove", "warcio", "pyarrow")}
-
-
 def comparison(base: Measurement, kiln: Measurement, per_core: bool, target: float) -> dict:
     b = base.docs_per_s_per_core if per_core else base.docs_per_s
     k = kiln.docs_per_s_per_core if per_core else kiln.docs_per_s
@@ -523,15 +476,6 @@ def render(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def result_label(cores: int) -> str:
-    host = socket.gethostname().split(".")[0]
-    generic = host in ("", "localhost", "vm") or (len(host) >= 12 and all(c in "0123456789abcdef" for c in host))
-    return f"{cores}core" if generic else host
-
-
-# --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -646,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "benchmarks/curation_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
         "args": vars(args),
         "machine": machine(),
-        "versions": versions(),
+        "versions": versions('trafilatura', 'datatrove', 'warcio'),
         "pages": len(pages),
         "english_docs": english.num_rows,
         "measurements": [{**asdict(m), "docs_per_s": m.docs_per_s, "docs_per_s_per_core": m.docs_per_s_per_core,
@@ -655,12 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = render(report)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"curation_throughput_{report['date']}_{result_label(args.cores)}"
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    log(f"wrote {stem}.md and {stem}.json")
+    write_results(args.out, "curation_throughput", report, text, args.cores)
     return 0
 
 

@@ -35,17 +35,14 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import json
 import math
 import os
-import platform
 import random
 import sys
 import sysconfig
 import time
 from collections import defaultdict
 from datetime import date
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 # Before pyspark is imported: no network, loopback only, and Spark's Python
@@ -54,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
+from common import log, machine, versions, write_results  # noqa: E402
 from kiln.curation.dedup import MinHashConfig, MinHashDedupStage, shingles  # noqa: E402
 
 BUCKETS = [(0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.0)]  # last one includes 1.0
@@ -63,12 +61,6 @@ MIN_WORDS, TARGET_WORDS, MAX_WORDS = 300, 400, 600
 TARGET = 0.05  # allowed |measured - theoretical| per bucket
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- corpus
 
 def shingle_set(text: str, ngram: int) -> set[bytes]:
     # kiln's own shingling, with the stage's default limit: s is exactly what the stage hashes.
@@ -321,29 +313,6 @@ def summarize(pairs, measured, args) -> list[dict]:
 
 # --------------------------------------------------------------------------- report
 
-def machine() -> dict:
-    cpu, ram = "unknown", None
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-        ram = next(round(int(line.split()[1]) / 2**20, 1) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal:"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": ram, "python": platform.python_version(),
-            "os": platform.platform()}
-
-
-def versions() -> dict:
-    out = {}
-    for pkg in ("kiln", "pyspark", "datasketch"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def fmt(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -440,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                      "sampling noise, not a bias).")
 
     report = {
-        "benchmark": "dedup_quality", "date": date.today().isoformat(), "machine": machine(), "versions": versions(),
+        "benchmark": "dedup_quality", "date": date.today().isoformat(), "machine": machine(), "versions": versions('datasketch'),
         "config": {"bands": args.bands, "rows": args.rows, "ngram": args.ngram, "seed": args.seed,
                    "repeats": args.repeats, "cores": args.cores, "pairs_per_bucket_requested": args.pairs_per_bucket,
                    "precision_threshold": PRECISION_THRESHOLD, "max_base_jaccard": MAX_BASE_JACCARD,
@@ -455,11 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = render(report)
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"dedup_quality_{report['date']}_{os.cpu_count()}core"
-    stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    log(f"wrote {stem}.md and .json ({report['wall_s']} s)")
+    write_results(args.out, "dedup_quality", report, md, os.cpu_count() or 1)
     return 0
 
 

@@ -44,13 +44,10 @@ The tables are printed and written, with a JSON of the same numbers, to
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,7 +55,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
 # Before pyspark is imported: no network, loopback only, and Spark's Python
@@ -71,6 +67,7 @@ import orjson  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from common import log, machine, versions, warm_up, write_results  # noqa: E402
 from kiln.curation.dedup import MinHashConfig, MinHashDedupStage, shingles  # noqa: E402
 from kiln.curation.spark import get_spark  # noqa: E402
 from kiln.curation.stage import run_stage  # noqa: E402
@@ -80,13 +77,6 @@ THROUGHPUT_TARGET = 1.0  # kiln docs/s >= datatrove docs/s on the same cores
 MEMORY_TARGET = 1.5  # driver memory growth at 4 x S < 1.5 x the growth at S
 NEIGHBOUR_WARNING = 0.05  # flag a measurement when other processes took more than 5% of the machine
 CFG = MinHashConfig(ngram=5, bands=14, rows=8, seed=1)
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- process accounting
 
 
 def _procs() -> dict[int, tuple[int, str, float, int]]:
@@ -287,18 +277,6 @@ def write_inputs(texts: list[str], workdir: Path, name: str, n_files: int) -> tu
 # --------------------------------------------------------------------------- kiln
 
 
-def warm_up(spark, cores: int) -> None:
-    """A tiny job that starts Spark's Python workers before anything is timed: session
-    and worker start-up are paid once per application, not per document."""
-    from pyspark.sql.types import LongType, StructField, StructType
-
-    def identity(batches):
-        yield from batches
-
-    (spark.range(0, 4 * cores, numPartitions=cores)
-     .mapInArrow(identity, StructType([StructField("id", LongType())])).collect())
-
-
 def bench_kiln(spark, parquet_dir: Path, name: str, n_docs: int, out_dir: Path) -> Measurement:
     """kiln's MinHash stage: read Parquet, signatures + LSH + connected components in
     Spark, write kept and dropped rows as Parquet. Also samples driver memory."""
@@ -395,23 +373,6 @@ def bench_datasketch(texts: list[str]) -> Measurement:
 # --------------------------------------------------------------------------- report
 
 
-def machine() -> dict:
-    cpu, ram = "unknown", None
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            ram = round(int(line.split()[1]) / 2**20, 1)
-    return {"hostname": socket.gethostname(), "nproc": os.cpu_count(), "cpu": cpu, "ram_gib": ram,
-            "python": platform.python_version()}
-
-
-def versions() -> dict:
-    return {p: version(p) for p in ("kiln", "pyspark", "datatrove", "datasketch", "pyarrow")}
-
-
 def render(r: dict) -> str:
     m = r["machine"]
     lines = [f"# MinHash dedup throughput, {r['date']}", "",
@@ -446,12 +407,6 @@ def render(r: dict) -> str:
               f"other processes' CPU {mem['large_run']['other_load']:.0%}.", "", "## Notes", ""]
     lines += [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
-
-
-def result_label(cores: int) -> str:
-    host = socket.gethostname().split(".")[0]
-    generic = host in ("", "localhost", "vm") or (len(host) >= 12 and all(c in "0123456789abcdef" for c in host))
-    return f"{cores}core" if generic else host
 
 
 def as_row(m: Measurement, cores: int) -> dict:
@@ -570,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "during a measurement; above 5% the numbers are not trustworthy.",
     ]
     report = {
-        "date": date.today().isoformat(), "machine": machine(), "versions": versions(), "seed": args.seed,
+        "date": date.today().isoformat(), "machine": machine(), "versions": versions('datatrove', 'datasketch'), "seed": args.seed,
         "base_docs": len(base), "sizes": list(sizes), "files": n_files, "cores": args.cores,
         "minhash": asdict(CFG), "quiet_before": round(quiet, 3),
         "command": "python benchmarks/dedup_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -581,13 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = render(report)
     print(md)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"dedup_throughput_{report['date']}_{result_label(args.cores)}"
-    stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    log(f"wrote {stem}.md and .json")
-    shutil.rmtree(workdir, ignore_errors=True) if args.workdir is None else None
+    write_results(args.results, "dedup_throughput", report, md, args.cores)
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
