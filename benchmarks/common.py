@@ -62,6 +62,36 @@ def write_results(out_dir: str | Path, name: str, report: dict, markdown: str, c
     return stem
 
 
+def processes() -> dict[int, tuple[int, str, float, int]]:
+    """pid -> (ppid, comm, CPU seconds, RSS bytes) for every process we can read."""
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        comm = raw[raw.find("(") + 1:raw.rfind(")")]
+        f = raw.rsplit(")", 1)[1].split()
+        procs[int(name)] = (int(f[1]), comm, (int(f[11]) + int(f[12])) / tick, int(f[21]) * page)
+    return procs
+
+
+def is_ours(pid: int, procs: dict) -> bool:
+    """True when `pid` descends from this process (Spark's JVM and Python workers, the
+    extraction sandboxes, datatrove's pool): everything else is a neighbour."""
+    me = os.getpid()
+    for _ in range(64):
+        if pid == me:
+            return True
+        if pid not in procs or pid <= 1:
+            return False
+        pid = procs[pid][0]
+    return False
+
+
 def warm_up(spark, cores: int) -> None:
     """A tiny job that starts Spark's Python workers before anything is timed.
 

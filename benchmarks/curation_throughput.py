@@ -54,7 +54,7 @@ import orjson  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from common import log, machine, versions, warm_up, write_results  # noqa: E402
+from common import is_ours, log, machine, processes, versions, warm_up, write_results  # noqa: E402
 from kiln.curation import schema  # noqa: E402
 from kiln.curation.extract import ExtractConfig, ExtractStage, decode_html, extract_main_content  # noqa: E402
 from kiln.curation.filters import FilterStage, filter_specs  # noqa: E402
@@ -127,7 +127,7 @@ class Neighbours:
 
         self.other_cpu_s = 0.0
         self._stop = threading.Event()
-        self._seen = self._snapshot()
+        self._seen = processes()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self._t0 = time.perf_counter()
@@ -144,36 +144,11 @@ class Neighbours:
             self._sample()
 
     def _sample(self):
-        now = self._snapshot()
-        for pid, (ppid, cpu) in now.items():
-            if not self._ours(pid, now):
-                self.other_cpu_s += cpu - self._seen.get(pid, (0, 0.0))[1]
+        now = processes()
+        for pid, (_, _, cpu, _) in now.items():
+            if not is_ours(pid, now):
+                self.other_cpu_s += max(0.0, cpu - self._seen.get(pid, (0, "", 0.0, 0))[2])
         self._seen = now
-
-    @staticmethod
-    def _ours(pid: int, procs: dict) -> bool:
-        me = os.getpid()
-        for _ in range(64):
-            if pid == me:
-                return True
-            if pid not in procs or pid <= 1:
-                return False
-            pid = procs[pid][0]
-        return False
-
-    @staticmethod
-    def _snapshot() -> dict[int, tuple[int, float]]:
-        tick = os.sysconf("SC_CLK_TCK")
-        procs = {}
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue  # exited meanwhile
-            procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-        return procs
 
 
 def wait_until_quiet(max_wait: float) -> None:
@@ -462,8 +437,8 @@ def render(report: dict) -> str:
     lines += [
         "",
         "Extraction is compared per core: the loop runs on one core, kiln on all of them. kiln's time "
-        "includes reading and gunzipping the WARCs, the sandboxed trafilatura, the stats "
-        "aggregation and writing Parquet. The first loop reads the same WARC files with warcio "
+        "includes reading and gunzipping the WARCs, the sandboxed trafilatura, and writing "
+        "Parquet (the counts come from that one write). The first loop reads the same WARC files with warcio "
         "(the like-for-like comparison); the second runs over pages already read into memory "
         "(trafilatura alone, a stricter reference). Spark session start-up is excluded (a tiny warm-up job starts the Python "
         "workers first); each kiln job runs twice on the same input: the first run also pays for "

@@ -67,7 +67,7 @@ import orjson  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from common import log, machine, versions, warm_up, write_results  # noqa: E402
+from common import is_ours, log, machine, processes, versions, warm_up, write_results  # noqa: E402
 from kiln.curation.dedup import MinHashConfig, MinHashDedupStage, shingles  # noqa: E402
 from kiln.curation.spark import get_spark  # noqa: E402
 from kiln.curation.stage import run_stage  # noqa: E402
@@ -79,39 +79,10 @@ NEIGHBOUR_WARNING = 0.05  # flag a measurement when other processes took more th
 CFG = MinHashConfig(ngram=5, bands=14, rows=8, seed=1)
 
 
-def _procs() -> dict[int, tuple[int, str, float, int]]:
-    """pid -> (ppid, comm, CPU seconds, RSS bytes) for every process we can read."""
-    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
-    procs = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        comm = raw[raw.find("(") + 1:raw.rfind(")")]
-        f = raw.rsplit(")", 1)[1].split()
-        procs[int(name)] = (int(f[1]), comm, (int(f[11]) + int(f[12])) / tick, int(f[21]) * page)
-    return procs
-
-
-def _ours(pid: int, procs: dict) -> bool:
-    """True when `pid` descends from this process (Spark's JVM and workers, datatrove's pool)."""
-    me = os.getpid()
-    for _ in range(64):
-        if pid == me:
-            return True
-        if pid not in procs or pid <= 1:
-            return False
-        pid = procs[pid][0]
-    return False
-
-
 def driver_jvm_pid() -> int | None:
     """The java process this Python driver started (through spark-submit's launcher)."""
-    procs = _procs()
-    return next((pid for pid, p in procs.items() if p[1] == "java" and _ours(pid, procs)), None)
+    procs = processes()
+    return next((pid for pid, p in procs.items() if p[1] == "java" and is_ours(pid, procs)), None)
 
 
 def _rss(pid: int) -> int:
@@ -143,7 +114,7 @@ class Monitor:
         self.other_cpu_s = 0.0
         self.baseline = {k: _rss(pid) for k, pid in self.watch.items()}
         self.peak = dict(self.baseline)
-        self._seen = _procs()
+        self._seen = processes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -166,9 +137,9 @@ class Monitor:
                 self._sample_cpu()
 
     def _sample_cpu(self):
-        now = _procs()
+        now = processes()
         for pid, p in now.items():
-            if not _ours(pid, now):
+            if not is_ours(pid, now):
                 self.other_cpu_s += max(0.0, p[2] - self._seen.get(pid, (0, "", 0.0, 0))[2])
         self._seen = now
 
