@@ -8,8 +8,13 @@ import os
 import platform
 import socket
 import sys
+import threading
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+# Above this share of the machine used by other processes, a measurement is flagged.
+NEIGHBOUR_WARNING = 0.05
 
 
 def log(msg: str) -> None:
@@ -90,6 +95,91 @@ def is_ours(pid: int, procs: dict) -> bool:
             return False
         pid = procs[pid][0]
     return False
+
+
+def rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Monitor:
+    """Times a block, counts the CPU other processes used meanwhile, and samples RSS.
+
+    On a 2-core machine a neighbour (a test run, another benchmark) silently halves a
+    rate, so every measurement reports how busy the rest of the machine was. RSS of
+    the pids in `watch` (the driver Python process, the driver JVM) is sampled every
+    50 ms: the peak minus the value just before the block is what the job added.
+    """
+
+    INTERVAL = 0.05
+    CPU_EVERY = 5  # the CPU walk over /proc is costlier: every 5th sample (0.25 s)
+
+    def __init__(self, watch: dict[str, int | None] | None = None):
+        self.watch = {k: v for k, v in (watch or {}).items() if v}
+
+    def __enter__(self):
+        self.other_cpu_s = 0.0
+        self.baseline = {k: rss(pid) for k, pid in self.watch.items()}
+        self.peak = dict(self.baseline)
+        self._seen = processes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self._sample_cpu()
+
+    def _run(self):
+        n = 0
+        while not self._stop.wait(self.INTERVAL):
+            for k, pid in self.watch.items():
+                self.peak[k] = max(self.peak[k], rss(pid))
+            n += 1
+            if n % self.CPU_EVERY == 0:
+                self._sample_cpu()
+
+    def _sample_cpu(self):
+        now = processes()
+        for pid, p in now.items():
+            if not is_ours(pid, now):
+                self.other_cpu_s += max(0.0, p[2] - self._seen.get(pid, (0, "", 0.0, 0))[2])
+        self._seen = now
+
+    @property
+    def other_load(self) -> float:
+        return self.other_cpu_s / (self.seconds * (os.cpu_count() or 1))
+
+    def growth_mib(self) -> dict[str, float]:
+        return {k: round((self.peak[k] - self.baseline[k]) / 2**20, 1) for k in self.watch}
+
+
+def wait_until_quiet(max_wait: float, quiet: float = NEIGHBOUR_WARNING) -> float:
+    """Before a measurement, wait up to `max_wait` s for 3 s in which other processes stay idle.
+
+    It cannot stop a neighbour starting mid-measurement (that shows in the table); it
+    only avoids starting in the middle of someone else's run. Returns the last share seen.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        with Monitor() as probe:
+            time.sleep(3)
+        if probe.other_load <= quiet:
+            return probe.other_load
+        if time.monotonic() >= deadline:
+            log(f"other processes still use {probe.other_load:.0%} of the machine; measuring anyway")
+            return probe.other_load
+        log(f"other processes use {probe.other_load:.0%} of the machine; waiting (up to {max_wait:.0f} s)")
+        time.sleep(2)
 
 
 def warm_up(spark, cores: int) -> None:

@@ -39,7 +39,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
@@ -54,7 +53,7 @@ import orjson  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from common import is_ours, log, machine, processes, versions, warm_up, write_results  # noqa: E402
+from common import Monitor, NEIGHBOUR_WARNING, log, machine, versions, wait_until_quiet, warm_up, write_results  # noqa: E402
 from kiln.curation import schema  # noqa: E402
 from kiln.curation.extract import ExtractConfig, ExtractStage, decode_html, extract_main_content  # noqa: E402
 from kiln.curation.filters import FilterStage, filter_specs  # noqa: E402
@@ -66,7 +65,6 @@ from kiln.curation.stage import DOCS_DIR, run_stage  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 EXTRACT_TARGET = 0.85  # kiln per-core docs/s >= 0.85 x the plain loop
 FILTER_TARGET = 1.0  # kiln docs/s >= datatrove docs/s on the same cores
-NEIGHBOUR_WARNING = 0.05  # flag a measurement when other processes took more than 5% of the machine
 
 # Only datatrove's four filters, applied to every document (`languages: []`), which is
 # exactly what datatrove's own pipeline does; kiln's Llama-3 filters have no datatrove
@@ -93,7 +91,7 @@ class Measurement:
     seconds: float
     kept: int  # documents the work kept (extracted text / passed the filters)
     kept_chars: int  # characters of the kept text: a second check that both sides did the same work
-    other_cpu_s: float = 0.0  # CPU seconds other processes on the machine used meanwhile (see Neighbours)
+    other_cpu_s: float = 0.0  # CPU seconds other processes on the machine used meanwhile (see common.Monitor)
     notes: dict = field(default_factory=dict)
 
     @property
@@ -108,67 +106,6 @@ class Measurement:
     def other_load(self) -> float:
         """Share of the machine's CPU that other processes took while this ran."""
         return self.other_cpu_s / (self.seconds * (os.cpu_count() or 1))
-
-
-class Neighbours:
-    """Times a block and counts the CPU that processes outside this benchmark used meanwhile.
-
-    On a 2-core machine a neighbour (a test run, another job) silently halves a rate, and
-    the two sides of a comparison are measured at different moments. Every measurement
-    therefore reports how busy the rest of the machine was, so a disturbed run shows it.
-    /proc is sampled every 0.25 s; processes are ours when they descend from this one
-    (Spark's JVM and Python workers, the extraction sandboxes, datatrove's pool).
-    """
-
-    INTERVAL = 0.25
-
-    def __enter__(self):
-        import threading
-
-        self.other_cpu_s = 0.0
-        self._stop = threading.Event()
-        self._seen = processes()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self._t0
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def _run(self):
-        while not self._stop.wait(self.INTERVAL):
-            self._sample()
-
-    def _sample(self):
-        now = processes()
-        for pid, (_, _, cpu, _) in now.items():
-            if not is_ours(pid, now):
-                self.other_cpu_s += max(0.0, cpu - self._seen.get(pid, (0, "", 0.0, 0))[2])
-        self._seen = now
-
-
-def wait_until_quiet(max_wait: float) -> None:
-    """Before a measurement, wait up to `max_wait` s for 3 s in which other processes stay idle.
-
-    It cannot stop a neighbour starting mid-measurement (that shows in the table); it only
-    avoids starting a measurement in the middle of someone else's test run.
-    """
-    deadline = time.monotonic() + max_wait
-    while True:
-        with Neighbours() as probe:
-            time.sleep(3)
-        busy = probe.other_cpu_s / (probe.seconds * (os.cpu_count() or 1))
-        if busy <= NEIGHBOUR_WARNING:
-            return
-        if time.monotonic() >= deadline:
-            log(f"other processes still use {busy:.0%} of the machine; measuring anyway")
-            return
-        log(f"other processes use {busy:.0%} of the machine; waiting for them (up to {max_wait:.0f} s)")
-        time.sleep(2)
 
 
 # --------------------------------------------------------------------------- input
@@ -208,7 +145,7 @@ def bench_extract_plain(pages, repeat: int, extract_cfg: ExtractConfig) -> Measu
     """trafilatura in a plain single-process loop over pages already in memory."""
     options = extract_cfg.trafilatura_kwargs()  # the options kiln's ExtractStage passes
     kept = chars = undecodable = errors = 0
-    with Neighbours() as timer:
+    with Monitor() as timer:
         for _ in range(repeat):
             for url, html, charset in pages:
                 decoded = decode_html(html, charset)
@@ -238,7 +175,7 @@ def bench_extract_plain_from_warc(in_dir: Path, extract_cfg: ExtractConfig) -> M
 
     options = extract_cfg.trafilatura_kwargs()
     docs = kept = chars = 0
-    with Neighbours() as timer:
+    with Monitor() as timer:
         for path in sorted(in_dir.iterdir()):
             with open(path, "rb") as f:
                 for record in ArchiveIterator(f):
@@ -280,7 +217,7 @@ def copy_warcs(warc: Path, repeat: int, workdir: Path) -> Path:
 def bench_extract_kiln(spark, in_dir: Path, name: str, cores: int, read_cfg: ReadConfig,
                        extract_cfg: ExtractConfig, expected_docs: int, out_dir: Path) -> tuple[Measurement, Path]:
     """kiln's extraction job: read the WARCs, extract, count, write Parquet."""
-    with Neighbours() as timer:
+    with Monitor() as timer:
         source = read_raw(spark, [str(in_dir)], read_cfg)
         result = run_stage(spark, ExtractStage(extract_cfg), source, str(out_dir), log=log)
     result.unpersist()
@@ -362,7 +299,7 @@ def bench_filter_datatrove(jsonl_dir: Path, n_docs: int, cores: int, workdir: Pa
     )
     # The executor's pool start-up is timed: it is how datatrove runs a job, and kiln's
     # timed region likewise includes its Python workers importing trafilatura/datatrove.
-    with Neighbours() as timer:
+    with Monitor() as timer:
         executor.run()
 
     import gzip
@@ -380,7 +317,7 @@ def bench_filter_datatrove(jsonl_dir: Path, n_docs: int, cores: int, workdir: Pa
 
 def bench_filter_kiln(spark, parquet_dir: Path, name: str, n_docs: int, cores: int, out_dir: Path) -> Measurement:
     """kiln's filter stage: read Parquet, the same four filters, count, write Parquet."""
-    with Neighbours() as timer:
+    with Monitor() as timer:
         df = spark.read.parquet(str(parquet_dir))
         result = run_stage(spark, FilterStage(filter_specs(DATATROVE_FILTERS)), df, str(out_dir), log=log)
     result.unpersist()

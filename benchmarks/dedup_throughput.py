@@ -51,8 +51,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -67,7 +65,8 @@ import orjson  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from common import is_ours, log, machine, processes, versions, warm_up, write_results  # noqa: E402
+from common import (Monitor, is_ours, log, machine, processes, versions, wait_until_quiet,  # noqa: E402
+                    warm_up, write_results)
 from kiln.curation.dedup import MinHashConfig, MinHashDedupStage, shingles  # noqa: E402
 from kiln.curation.spark import get_spark  # noqa: E402
 from kiln.curation.stage import run_stage  # noqa: E402
@@ -75,7 +74,6 @@ from kiln.curation.stage import run_stage  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 THROUGHPUT_TARGET = 1.0  # kiln docs/s >= datatrove docs/s on the same cores
 MEMORY_TARGET = 1.5  # driver memory growth at 4 x S < 1.5 x the growth at S
-NEIGHBOUR_WARNING = 0.05  # flag a measurement when other processes took more than 5% of the machine
 CFG = MinHashConfig(ngram=5, bands=14, rows=8, seed=1)
 
 
@@ -83,91 +81,6 @@ def driver_jvm_pid() -> int | None:
     """The java process this Python driver started (through spark-submit's launcher)."""
     procs = processes()
     return next((pid for pid, p in procs.items() if p[1] == "java" and is_ours(pid, procs)), None)
-
-
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-class Monitor:
-    """Times a block, counts the CPU other processes used meanwhile, and samples RSS.
-
-    On a 2-core machine a neighbour (a test run, another benchmark) silently halves a
-    rate, so every measurement reports how busy the rest of the machine was. RSS of
-    the pids in `watch` (the driver Python process, the driver JVM) is sampled every
-    50 ms: the peak minus the value just before the block is what the job added.
-    """
-
-    INTERVAL = 0.05
-    CPU_EVERY = 5  # the CPU walk over /proc is costlier: every 5th sample (0.25 s)
-
-    def __init__(self, watch: dict[str, int | None] | None = None):
-        self.watch = {k: v for k, v in (watch or {}).items() if v}
-
-    def __enter__(self):
-        self.other_cpu_s = 0.0
-        self.baseline = {k: _rss(pid) for k, pid in self.watch.items()}
-        self.peak = dict(self.baseline)
-        self._seen = processes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self._t0
-        self._stop.set()
-        self._thread.join()
-        self._sample_cpu()
-
-    def _run(self):
-        n = 0
-        while not self._stop.wait(self.INTERVAL):
-            for k, pid in self.watch.items():
-                self.peak[k] = max(self.peak[k], _rss(pid))
-            n += 1
-            if n % self.CPU_EVERY == 0:
-                self._sample_cpu()
-
-    def _sample_cpu(self):
-        now = processes()
-        for pid, p in now.items():
-            if not is_ours(pid, now):
-                self.other_cpu_s += max(0.0, p[2] - self._seen.get(pid, (0, "", 0.0, 0))[2])
-        self._seen = now
-
-    @property
-    def other_load(self) -> float:
-        return self.other_cpu_s / (self.seconds * (os.cpu_count() or 1))
-
-    def growth_mib(self) -> dict[str, float]:
-        return {k: round((self.peak[k] - self.baseline[k]) / 2**20, 1) for k in self.watch}
-
-
-def wait_until_quiet(max_wait: float) -> float:
-    """Before a measurement, wait up to `max_wait` s for 3 s in which other processes stay idle.
-
-    It cannot stop a neighbour starting mid-measurement (that shows in the table); it
-    only avoids starting in the middle of someone else's run. Returns the last share seen.
-    """
-    deadline = time.monotonic() + max_wait
-    while True:
-        with Monitor() as probe:
-            time.sleep(3)
-        if probe.other_load <= NEIGHBOUR_WARNING:
-            return probe.other_load
-        if time.monotonic() >= deadline:
-            log(f"other processes still use {probe.other_load:.0%} of the machine; measuring anyway")
-            return probe.other_load
-        log(f"other processes use {probe.other_load:.0%} of the machine; waiting (up to {max_wait:.0f} s)")
-        time.sleep(2)
 
 
 @dataclass
