@@ -8,6 +8,9 @@ STAMP := $(VENV)/.kiln-installed
 ASSETS := $(VENV)/share/kiln
 LID_MODEL := $(ASSETS)/lid.176.ftz
 SAMPLE := data/sample.warc.gz
+LABELS := data/labels
+MODELS := out/demo/models
+KILN := $(VENV)/bin/kiln
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -36,11 +39,29 @@ $(LID_MODEL): | $(STAMP)
 	mv $@.tmp $@
 	rm -rf $(ASSETS)/dl
 
+# The sample WARC and, from the same generators with another seed, the labelled sets
+# the demo's classifiers learn from and the evaluation sets it decontaminates against.
 $(SAMPLE): kiln/curation/sample.py | $(STAMP)
-	$(PY) -m kiln.curation.sample --out $@
+	$(PY) -m kiln.curation.sample --out $@ --labels $(LABELS)
 
-demo: setup $(SAMPLE)
-	$(VENV)/bin/kiln curate pipeline recipes/demo.toml
+$(MODELS)/quality.bin: $(SAMPLE)
+	$(KILN) curate train-quality --positives $(LABELS)/quality_pos.jsonl --negatives $(LABELS)/quality_neg.jsonl --output $@
+
+$(MODELS)/domain.bin: $(SAMPLE)
+	$(KILN) curate train-domain --input $(LABELS)/domain.jsonl --output $@
+
+# The tokenizer learns from the curated text itself: the pipeline runs up to line dedup
+# first, and the full run below reuses those finished stages.
+$(MODELS)/tokenizer/tokenizer.json: $(SAMPLE) recipes/demo.toml
+	$(KILN) curate pipeline recipes/demo.toml --until dedup_lines
+	$(KILN) curate train-tokenizer --input out/demo/07_dedup_lines --vocab-size 8192 --output $(MODELS)/tokenizer
+
+$(MODELS)/scorer/kiln_scorer.json: $(MODELS)/tokenizer/tokenizer.json
+	$(KILN) curate train-scorer --input $(LABELS)/quality_scores.jsonl --label-column score \
+		--tokenizer $(MODELS)/tokenizer --output $(MODELS)/scorer
+
+demo: setup $(SAMPLE) $(MODELS)/quality.bin $(MODELS)/domain.bin $(MODELS)/scorer/kiln_scorer.json
+	$(KILN) curate pipeline recipes/demo.toml
 
 test: setup
 	$(PY) -m pytest -q tests

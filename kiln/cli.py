@@ -7,8 +7,18 @@
     kiln curate dedup-exact --input OUT4 --output OUT5       one copy of each text
     kiln curate dedup-minhash --input OUT5 --output OUT6     MinHash-LSH near-duplicates
     kiln curate dedup-lines --input OUT6 --output OUT7       lines repeated across documents removed
+    kiln curate quality  --input OUT7 --output OUT8 --model quality.bin    fastText quality score
+    kiln curate scorer   --input OUT8 --output OUT9 --model scorer/        transformer quality score
+    kiln curate domain   --input OUT9 --output OUT10 --model domain.bin    domain (and topic) labels
+    kiln curate decontam --input OUT10 --output OUT11 --eval-sets E.jsonl  n-gram overlap with eval sets
+    kiln curate tokenize --input OUT11 --output OUT12 --tokenizer tok/     token shards per domain
     kiln curate pipeline recipes/demo.toml                   several stages in one Spark application
-    kiln curate sample   --out data/sample.warc.gz           build the bundled demo WARC
+
+    kiln curate train-quality --positives P.jsonl --negatives N.jsonl --output quality.bin
+    kiln curate train-domain  --input labels.jsonl --output domain.bin
+    kiln curate train-scorer  --input scores.jsonl --label-column score --tokenizer tok/ --output scorer/
+    kiln curate train-tokenizer --input OUT7 --vocab-size 8192 --output tok/
+    kiln curate sample   --out data/sample.warc.gz [--labels data/labels]   the bundled demo data
 
 Each stage is also `spark-submit kiln/curation/jobs/<stage>.py ...` with the same
 options: a local run starts `local[*]` Spark itself, spark-submit brings its own master.
@@ -113,12 +123,114 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-count", type=int, help="remove lines seen in more documents than this (default 6)")
     p.add_argument("--min-chars", type=int, help="drop documents shorter than this after removal (default 50)")
 
+    p = stages.add_parser("quality", help="fastText quality classifier: adds quality_score, keeps the best",
+                          description="Score documents with a fastText quality model (kiln curate train-quality): "
+                                      "quality_score = P(positive class). Keep documents scoring at least "
+                                      "--min-score, or the best --keep-top-fraction of the corpus (DCLM keeps "
+                                      "0.1); drops are quality_low_score / quality_not_top_fraction, and "
+                                      "empty texts empty_document.")
+    _common(p)
+    p.add_argument("--model", help="fastText quality model (.bin from train-quality)")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--min-score", type=float, help="keep documents with quality_score >= this")
+    keep.add_argument("--keep-top-fraction", type=float, help="keep this share of documents by score, e.g. 0.1")
+
+    p = stages.add_parser("scorer", help="transformer quality scorer (DistilRoBERTa role): adds model_score",
+                          description="Batched inference of a transformers sequence classifier/regressor trained "
+                                      "with train-scorer, one model per Spark worker, torch threads = task cores, "
+                                      "a GPU when present. Adds model_score; --min-score drops model_score_low.")
+    _common(p)
+    p.add_argument("--model", help="directory written by train-scorer")
+    p.add_argument("--min-score", type=float, help="drop documents scoring lower")
+    p.add_argument("--batch-size", type=int, help="documents per forward pass (default 32)")
+
+    p = stages.add_parser("domain", help="domain (and topic) classification: adds domain, domain_score, topic",
+                          description="Documents whose lang is not in --languages go to the multilingual domain; "
+                                      "the others are classified by a fastText model (train-domain) or a "
+                                      "transformer (train-scorer --task classification, --backend transformer). "
+                                      "A topic model adds topic, and --topic-rate TOPIC=RATE keeps that share of "
+                                      "a topic's documents (drops: topic_downsampled).")
+    _common(p)
+    p.add_argument("--model", help="domain model: fastText .bin, or a train-scorer directory with --backend transformer")
+    p.add_argument("--backend", choices=["fasttext", "transformer"], help="classifier kind (default fasttext)")
+    p.add_argument("--domains", help="comma-separated domains (default general,math,code,multilingual)")
+    p.add_argument("--languages", help="comma-separated languages the model classifies (default en)")
+    p.add_argument("--topic-model", help="fastText topic model (train-domain --label-column topic)")
+    p.add_argument("--topic-rate", action="append", default=[], metavar="TOPIC=RATE",
+                   help="keep this share of TOPIC's documents (repeatable)")
+
+    p = stages.add_parser("decontam", help="drop or flag documents sharing n-grams with evaluation sets",
+                          description="Documents sharing a 13-gram (of lower-cased words, punctuation ignored) "
+                                      "with an item of an evaluation set are dropped as eval_contamination, or "
+                                      "flagged in contaminated_by with --mode flag. stats.json counts documents "
+                                      "per evaluation set.")
+    _common(p)
+    p.add_argument("--eval-sets", nargs="+", metavar="JSONL", help="evaluation sets, one JSONL file each")
+    p.add_argument("--fields", help="comma-separated JSON fields with evaluation text (default: every string)")
+    p.add_argument("--ngram", type=int, help="words per n-gram (default 13)")
+    p.add_argument("--mode", choices=["drop", "flag"], help="drop contaminated documents or only flag them")
+
+    p = stages.add_parser("tokenize", help="token shards per domain (contract 3) and availability.json",
+                          description="Tokenize documents in Spark, each partition writing its own flat shard "
+                                      "per domain (uint16, or uint32 when the vocabulary needs it; documents "
+                                      "separated by EOS) with a JSON index, then availability.json with tokens "
+                                      "and documents per domain.")
+    _common(p)
+    p.add_argument("--tokenizer", help="tokenizer.json, or a directory from train-tokenizer")
+    p.add_argument("--shards", metavar="DIR", help="where shards go (default OUT/shards)")
+
+    p = stages.add_parser("train-quality", help="train the fastText quality classifier (positives vs negatives)",
+                          description="Train a fastText classifier of positive (e.g. pages referenced by "
+                                      "Wikipedia) vs negative (random crawl) documents. Prints validation "
+                                      "precision/recall; writes MODEL.bin and MODEL.bin.json.")
+    p.add_argument("--positives", nargs="+", required=True, metavar="PATH", help="JSONL/Parquet files of good documents")
+    p.add_argument("--negatives", nargs="+", required=True, metavar="PATH", help="JSONL/Parquet files of other documents")
+    p.add_argument("--output", required=True, metavar="MODEL.bin")
+    _fasttext_options(p)
+
+    p = stages.add_parser("train-domain", help="train a fastText multi-class classifier (domains or topics)",
+                          description="Train a fastText classifier on labelled documents (a text and a label "
+                                      "column), e.g. general/math/code, or topics for downsampling.")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="JSONL/Parquet labelled documents")
+    p.add_argument("--label-column", default="label", help="column with the class (default label)")
+    p.add_argument("--output", required=True, metavar="MODEL.bin")
+    _fasttext_options(p)
+
+    p = stages.add_parser("train-scorer", help="train a small transformers classifier/regressor on labelled docs",
+                          description="Train a sequence regressor (quality scores a larger model gave) or "
+                                      "classifier with transformers, from scratch (a tiny config and a local "
+                                      "tokenizer) or from a local checkpoint. CPU works; a GPU is used if present.")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="JSONL/Parquet labelled documents")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label", help="column with the score or class (default label)")
+    p.add_argument("--task", choices=["regression", "classification"], help="default regression")
+    p.add_argument("--tokenizer", help="tokenizer (directory or tokenizer.json) for a model trained from scratch")
+    p.add_argument("--model-dir", help="local transformers checkpoint to fine-tune instead")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-length", type=int, help="tokens per document (default 256)")
+    p.add_argument("--output", required=True, metavar="DIR")
+
+    p = stages.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with tokenizers",
+                          description="Byte-level BPE with EOS <|endoftext|> and the chat-format special tokens "
+                                      "post-training needs; reads a bounded sample of documents on the driver.")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="kiln stage directories, Parquet or JSONL files")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--max-chars", type=int, default=200_000_000, help="characters read for training")
+    p.add_argument("--output", required=True, metavar="DIR")
+
     p = stages.add_parser("pipeline", help="run a recipe's stages in one Spark application",
                           description="Run the stages of a TOML recipe (see recipes/demo.toml) and print the funnel.")
     p.add_argument("recipe", help="recipe TOML file")
     p.add_argument("--input", nargs="+", metavar="PATH", help="override [pipeline] input")
     p.add_argument("--output", metavar="DIR", help="override [pipeline] output")
     p.add_argument("--force", action="store_true", help="recompute every stage even if a finished output matches")
+    p.add_argument("--until", metavar="STAGE",
+                   help="stop after this stage (e.g. dedup_lines, to train a tokenizer on its output; a later "
+                        "full run reuses the finished stages)")
     p.add_argument("--write-dropped", action="store_true", help="override [pipeline] write_dropped")
     p.add_argument("--master", help="Spark master for a local run (default local[*])")
 
@@ -126,7 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Deterministically build the sample WARC used by `make demo`.")
     p.add_argument("--out", default="data/sample.warc.gz", help="output WARC path")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels", metavar="DIR", help="also write the demo's labelled sets and evaluation sets here")
     return parser
+
+
+def _fasttext_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", default="text", help="column with the document text (default text)")
+    p.add_argument("--epoch", type=int, help="passes over the data (default 25)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.5)")
+    p.add_argument("--word-ngrams", type=int, help="word n-gram features (default 2)")
+    p.add_argument("--dim", type=int, help="embedding size (default 64)")
+    p.add_argument("--val-fraction", type=float, help="held-out share per class (default 0.1)")
+    p.add_argument("--seed", type=int, help="split and training seed (default 0)")
 
 
 def _recipe_for(args):
@@ -146,6 +269,10 @@ def _recipe_for(args):
         cfg.resume = False
     else:
         cfg.resume = not args.force
+        if args.until:
+            if args.until not in cfg.stages:
+                raise ConfigError(f"--until {args.until}: not a stage of this recipe ({', '.join(cfg.stages)})")
+            cfg.stages = cfg.stages[: cfg.stages.index(args.until) + 1]
     if args.stage == "extract":
         for opt, key in (("format", "format"), ("html_column", "html_column"), ("text_column", "text_column"),
                          ("url_column", "url_column"), ("date_column", "date_column"), ("partitions", "partitions")):
@@ -184,6 +311,24 @@ def _recipe_for(args):
             recipe.dedup_exact.lowercase = False
         if args.keep_whitespace:
             recipe.dedup_exact.collapse_whitespace = False
+    elif args.stage == "quality":
+        _set(recipe.quality, model_path=args.model, min_score=args.min_score,
+             keep_top_fraction=args.keep_top_fraction)
+    elif args.stage == "scorer":
+        _set(recipe.scorer, model_dir=args.model, min_score=args.min_score, batch_size=args.batch_size)
+    elif args.stage == "domain":
+        _set(recipe.domain, model_path=args.model, backend=args.backend, domains=_csv(args.domains),
+             languages=_csv(args.languages), topic_model=args.topic_model)
+        for item in args.topic_rate:
+            topic, _, rate = item.partition("=")
+            try:
+                recipe.domain.topic_rates[topic] = float(rate)
+            except ValueError:
+                raise ConfigError(f"--topic-rate {item!r}: expected TOPIC=RATE, e.g. sports=0.5") from None
+    elif args.stage == "decontam":
+        _set(recipe.decontam, eval_sets=args.eval_sets, fields=_csv(args.fields), ngram=args.ngram, mode=args.mode)
+    elif args.stage == "tokenize":
+        _set(recipe.tokenize, tokenizer=args.tokenizer, shards_dir=args.shards)
     elif args.stage == "filter":
         from kiln.curation.filters import FILTERS
 
@@ -195,13 +340,66 @@ def _recipe_for(args):
     return recipe
 
 
+def _set(cfg, **values) -> None:
+    """Apply the options the user gave (None = not given) onto a config dataclass."""
+    for key, value in values.items():
+        if value is not None:
+            setattr(cfg, key, value)
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [x.strip() for x in value.split(",") if x.strip()]
+
+
+def train(args) -> int:
+    """The train-* commands: driver-side, no Spark."""
+    from kiln.curation.labelled import read_labelled
+
+    if args.stage in ("train-quality", "train-domain"):
+        from kiln.curation.classify import QUALITY_NEGATIVE, QUALITY_POSITIVE, FastTextTrainConfig, train_fasttext
+
+        cfg = FastTextTrainConfig()
+        _set(cfg, epoch=args.epoch, lr=args.lr, word_ngrams=args.word_ngrams, dim=args.dim,
+             val_fraction=args.val_fraction, seed=args.seed)
+        if args.stage == "train-quality":
+            data = read_labelled(args.positives, args.text_column, label=QUALITY_POSITIVE)
+            negatives = read_labelled(args.negatives, args.text_column, label=QUALITY_NEGATIVE)
+            data.extend(negatives)
+            where = f"{args.positives[0]} + {args.negatives[0]}"
+            train_fasttext(data.texts, data.labels, args.output, cfg, kind="quality",
+                           positive_label=QUALITY_POSITIVE, where=where)
+        else:
+            data = read_labelled(args.input, args.text_column, args.label_column)
+            train_fasttext(data.texts, data.labels, args.output, cfg, kind=args.label_column, where=args.input[0])
+        return 0
+    if args.stage == "train-scorer":
+        from kiln.curation.scorer import ScorerTrainConfig, train_scorer_from_files
+
+        cfg = ScorerTrainConfig()
+        _set(cfg, task=args.task, tokenizer=args.tokenizer, model_dir=args.model_dir, epochs=args.epochs,
+             batch_size=args.batch_size, lr=args.lr, max_length=args.max_length)
+        train_scorer_from_files(args.input, args.text_column, args.label_column, cfg, args.output)
+        return 0
+    if args.stage == "train-tokenizer":
+        from kiln.curation.tokenize import iter_texts, train_tokenizer
+
+        train_tokenizer(iter_texts(args.input, args.text_column, args.max_chars), args.output,
+                        vocab_size=args.vocab_size)
+        return 0
+    raise ConfigError(f"unknown command {args.stage}")
+
+
 def curate(args) -> int:
     if args.stage == "sample":
-        from kiln.curation.sample import build_sample
+        from kiln.curation.sample import build_labels, build_sample
 
         summary = build_sample(args.out, seed=args.seed)
         print(f"wrote {args.out}: {summary}")
+        if args.labels:
+            print(f"wrote {args.labels}: {build_labels(args.labels, seed=args.seed + 1)}")
         return 0
+    if args.stage.startswith("train-"):
+        return train(args)
     from kiln.curation import pipeline
     from kiln.curation.spark import get_spark
 

@@ -10,6 +10,8 @@
     [langid]    # LangIdConfig   [filter.gopher_quality] ...  # see kiln.curation.filters
     [dedup_url] # UrlDedupConfig [dedup_exact] # ExactDedupConfig
     [dedup_minhash] # MinHashConfig  [dedup_lines] # LineDedupConfig
+    [quality]   # QualityConfig  [scorer] # ScorerConfig  [domain] # DomainConfig
+    [decontam]  # DecontamConfig [tokenize] # TokenizeConfig (shards default to NN_tokenize/shards)
 
 Each stage writes `OUT/NN_<stage>/{docs,dropped,stats.json}`; the run ends with the
 funnel printed and saved as `OUT/funnel.json`. A relaunch reuses every stage whose
@@ -26,16 +28,21 @@ from dataclasses import dataclass, field
 
 from kiln.config import ConfigError, from_dict, load_toml
 from kiln.curation import paths, schema
+from kiln.curation.classify import DomainConfig, DomainStage, QualityConfig, QualityStage
+from kiln.curation.decontam import DecontamConfig, DecontamStage
 from kiln.curation.dedup import (ExactDedupConfig, ExactDedupStage, LineDedupConfig, LineDedupStage,
                                  MinHashConfig, MinHashDedupStage, UrlDedupConfig, UrlDedupStage)
 from kiln.curation.extract import ExtractConfig, ExtractStage
 from kiln.curation.filters import FilterStage, filter_specs
 from kiln.curation.langid import LangIdConfig, LangIdStage
 from kiln.curation.readers import ReadConfig, read_raw
+from kiln.curation.scorer import ScorerConfig, ScorerStage
 from kiln.curation.stage import DOCS_DIR, Stage, completed_stage, run_stage
 from kiln.curation.stats import StageStats, format_funnel
+from kiln.curation.tokenize import TokenizeConfig, TokenizeStage
 
-STAGE_NAMES = ["extract", "langid", "filter", "dedup_url", "dedup_exact", "dedup_minhash", "dedup_lines"]
+STAGE_NAMES = ["extract", "langid", "filter", "dedup_url", "dedup_exact", "dedup_minhash", "dedup_lines",
+               "quality", "scorer", "domain", "decontam", "tokenize"]
 DEFAULT_STAGES = ["extract", "langid", "filter"]
 
 
@@ -59,10 +66,19 @@ class Recipe:
     dedup_exact: ExactDedupConfig
     dedup_lines: LineDedupConfig
     dedup_minhash: MinHashConfig
+    quality: QualityConfig
+    scorer: ScorerConfig
+    domain: DomainConfig
+    decontam: DecontamConfig
+    tokenize: TokenizeConfig
 
 
 SECTIONS = ("pipeline", "read", "extract", "langid", "filter", "dedup_url", "dedup_exact", "dedup_minhash",
-            "dedup_lines")
+            "dedup_lines", "quality", "scorer", "domain", "decontam", "tokenize")
+CONFIGS = {"read": ReadConfig, "extract": ExtractConfig, "langid": LangIdConfig, "dedup_url": UrlDedupConfig,
+           "dedup_exact": ExactDedupConfig, "dedup_lines": LineDedupConfig, "dedup_minhash": MinHashConfig,
+           "quality": QualityConfig, "scorer": ScorerConfig, "domain": DomainConfig,
+           "decontam": DecontamConfig, "tokenize": TokenizeConfig}
 
 
 def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
@@ -71,14 +87,8 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
         raise ConfigError(f"{where}: unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})")
     recipe = Recipe(
         pipeline=from_dict(PipelineConfig, data.get("pipeline", {}), f"{where}: [pipeline]"),
-        read=from_dict(ReadConfig, data.get("read", {}), f"{where}: [read]"),
-        extract=from_dict(ExtractConfig, data.get("extract", {}), f"{where}: [extract]"),
-        langid=from_dict(LangIdConfig, data.get("langid", {}), f"{where}: [langid]"),
         filter=data.get("filter", {}),
-        dedup_url=from_dict(UrlDedupConfig, data.get("dedup_url", {}), f"{where}: [dedup_url]"),
-        dedup_exact=from_dict(ExactDedupConfig, data.get("dedup_exact", {}), f"{where}: [dedup_exact]"),
-        dedup_lines=from_dict(LineDedupConfig, data.get("dedup_lines", {}), f"{where}: [dedup_lines]"),
-        dedup_minhash=from_dict(MinHashConfig, data.get("dedup_minhash", {}), f"{where}: [dedup_minhash]"),
+        **{name: from_dict(cls, data.get(name, {}), f"{where}: [{name}]") for name, cls in CONFIGS.items()},
     )
     bad = [s for s in recipe.pipeline.stages if s not in STAGE_NAMES]
     if bad:
@@ -110,6 +120,16 @@ def build_stage(name: str, recipe: Recipe) -> Stage:
         return LineDedupStage(recipe.dedup_lines)
     if name == "dedup_minhash":
         return MinHashDedupStage(recipe.dedup_minhash)
+    if name == "quality":
+        return QualityStage(recipe.quality)
+    if name == "scorer":
+        return ScorerStage(recipe.scorer)
+    if name == "domain":
+        return DomainStage(recipe.domain)
+    if name == "decontam":
+        return DecontamStage(recipe.decontam)
+    if name == "tokenize":
+        return TokenizeStage(recipe.tokenize)
     raise ConfigError(f"unknown stage {name!r}")
 
 
@@ -139,6 +159,9 @@ def run(spark, recipe: Recipe, stage_dirs: bool = True, log=None) -> list[StageS
         raise ConfigError("no input: set [pipeline] input or pass --input")
     if not cfg.output:
         raise ConfigError("no output: set [pipeline] output or pass --output")
+    if "tokenize" in cfg.stages and not recipe.tokenize.shards_dir:
+        i = cfg.stages.index("tokenize")
+        recipe.tokenize.shards_dir = paths.join(cfg.output, f"{i + 1:02d}_tokenize/shards" if stage_dirs else "shards")
     stages = [build_stage(name, recipe) for name in cfg.stages]  # fails before any Spark work
     first_is_extract = cfg.stages[0] == "extract"
     files = paths.expand_inputs(cfg.input)

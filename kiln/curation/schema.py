@@ -10,6 +10,11 @@ import pyarrow as pa
 ID, URL, TEXT, SOURCE, CRAWL_DATE = "id", "url", "text", "source", "crawl_date"
 TITLE, HTML, CHARSET = "title", "html", "charset"
 LANG, LANG_SCORE = "lang", "lang_score"
+QUALITY_SCORE = "quality_score"  # fastText quality classifier (P(positive))
+MODEL_SCORE = "model_score"  # transformer quality scorer (DistilRoBERTa role)
+DOMAIN, DOMAIN_SCORE, TOPIC = "domain", "domain_score", "topic"
+CONTAMINATED_BY = "contaminated_by"  # evaluation sets a document shares n-grams with
+N_TOKENS, SHARD = "n_tokens", "shard"  # tokenize stage: tokens written (EOS included), shard file
 
 # Internal to a stage's output before it is split into kept and dropped rows.
 DROP_REASON = "drop_reason"

@@ -60,6 +60,10 @@ class Stage:
         """Output columns that feed `metrics` and are not written."""
         return []
 
+    def finish(self, stats: StageStats) -> None:
+        """Driver-side work after the output is written and counted, before stats.json
+        marks it complete: cross-checks and summary files (the tokenizer's availability.json)."""
+
     def transform(self, df) -> DataFrame:
         """The stage's output rows. Per-document stages keep this default (their
         `process` per partition); corpus-wide ones (dedup) override it with shuffles."""
@@ -161,6 +165,7 @@ def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
             stats.extra["metrics"] = {k: row[k] for k in stage.metrics()}
         kept = (result.where(F.col(schema.DROP_REASON).isNull())
                 .drop(schema.DROP_REASON, schema.IN_BYTES, *stage.internal_columns()))
+    stage.finish(stats)
     stats.extra["seconds"] = round(time.time() - t0, 2)
     stats.extra["fingerprint"] = fingerprint or stage.fingerprint()
     stats.extra["settings"] = stage.settings()
