@@ -34,7 +34,7 @@ from pyspark.sql import functions as F
 from kiln.config import ConfigError
 from kiln.curation import schema
 from kiln.curation.langid import load_fasttext, worker_model
-from kiln.curation.stage import Stage, apply_stage, output_schema, set_columns, text_bytes
+from kiln.curation.stage import Stage, apply_stage, in_languages, output_schema, set_columns, text_bytes
 
 QUALITY_POSITIVE, QUALITY_NEGATIVE = "hq", "lq"
 DEFAULT_DOMAINS = ["general", "math", "code", "multilingual"]
@@ -246,6 +246,7 @@ class QualityConfig:
     min_score: float | None = None  # keep documents scoring at least this (drop: quality_low_score)
     keep_top_fraction: float | None = None  # or keep this share of the corpus by score (DCLM: 0.1)
     quantile_accuracy: int = 10_000  # percentile_approx accuracy for keep_top_fraction (relative error 1/N)
+    languages: list[str] = field(default_factory=lambda: ["en"])  # lang values scored; others pass unscored ([] = all)
 
 
 class QualityStage(Stage):
@@ -278,17 +279,21 @@ class QualityStage(Stage):
 
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         texts = batch.column(schema.TEXT).to_pylist()
-        present = [i for i, t in enumerate(texts) if t and t.strip()]
+        empty = [not (t and t.strip()) for t in texts]
+        # A classifier trained on one language's pages scores every other language low:
+        # those documents pass unscored (null) instead of being thrown away.
+        scored = in_languages(batch, self.cfg.languages)
+        present = [i for i in range(len(texts)) if not empty[i] and scored[i]]
         scores: list[float | None] = [None] * len(texts)
         got = positive_probability(worker_model(self._shipped), [texts[i] for i in present],
                                    self.cfg.positive_label, self.model.lowercase, self.model.max_chars)
         for i, s in zip(present, got):
             scores[i] = s
         reasons = []
-        for s in scores:
-            if s is None:
+        for i, s in enumerate(scores):
+            if empty[i]:
                 reasons.append("empty_document")
-            elif self.cfg.min_score is not None and s < self.cfg.min_score:
+            elif s is not None and self.cfg.min_score is not None and s < self.cfg.min_score:
                 reasons.append("quality_low_score")
             else:
                 reasons.append(None)

@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from pyspark.sql import functions as F
 
 from kiln.config import ConfigError
 from kiln.curation import schema
-from kiln.curation.stage import Stage, output_schema, set_columns, text_bytes
+from kiln.curation.stage import Stage, in_languages, output_schema, set_columns, text_bytes
 
 META_FILE = "kiln_scorer.json"
 TASKS = ("regression", "classification")
@@ -74,6 +74,7 @@ class ScorerConfig:
     batch_size: int = 32  # documents per forward pass
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", ...
     max_chars: int = 20_000  # characters given to the tokenizer; more cannot fit max_length tokens anyway
+    languages: list[str] = field(default_factory=lambda: ["en"])  # lang values scored; others pass unscored ([] = all)
 
 
 def _log(msg: str) -> None:
@@ -617,7 +618,8 @@ class ScorerStage(Stage):
         return [pa.field(self.cfg.column, pa.float32())]
 
     def metrics(self) -> dict:
-        return {"empty_documents": F.count(F.when(F.col(self.cfg.column).isNull(), F.lit(1)))}
+        # Null scores: empty documents, and documents in languages the scorer does not judge.
+        return {"unscored_documents": F.count(F.when(F.col(self.cfg.column).isNull(), F.lit(1)))}
 
     def process_partition(self, batches):
         import torch
@@ -629,7 +631,9 @@ class ScorerStage(Stage):
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         scorer = worker_scorer(self._shipped, self.cfg.device, self.cfg.batch_size, self.cfg.max_chars)
         texts = batch.column(schema.TEXT).to_pylist()
-        scores = [None if np.isnan(s) else float(s) for s in scorer.score(texts)]
+        judged = in_languages(batch, self.cfg.languages)
+        scores = [None if np.isnan(s) else float(s)
+                  for s in scorer.score([t if ok else None for t, ok in zip(texts, judged)])]
         # A reason an earlier step set (a reader's) stands; empty documents are not judged here.
         reasons = (batch.column(schema.DROP_REASON).to_pylist() if schema.DROP_REASON in batch.schema.names
                    else [None] * batch.num_rows)

@@ -121,6 +121,15 @@ def columns(batch: pa.RecordBatch, names: list[str]) -> dict[str, list]:
     return {name: batch.column(name).to_pylist() for name in names}
 
 
+def in_languages(batch: pa.RecordBatch, languages: list[str]) -> list[bool]:
+    """Which rows a language-scoped classifier applies to: all of them without a `lang`
+    column or with `languages` empty, else those whose lang is listed."""
+    if not languages or schema.LANG not in batch.schema.names:
+        return [True] * batch.num_rows
+    keep = set(languages)
+    return [lang in keep for lang in batch.column(schema.LANG).to_pylist()]
+
+
 def text_bytes(texts: list[str | None]) -> list[int]:
     return [len(t.encode("utf-8", "surrogatepass")) if t else 0 for t in texts]
 

@@ -91,7 +91,8 @@ def funnel_frame(all_stats: list[StageStats]) -> pl.DataFrame:
              "dropped": s.dropped_total, "pct_dropped": _pct(s.dropped_total, s.docs_in),
              "mb_in": s.bytes_in / 1e6, "mb_kept": s.bytes_kept / 1e6}
         )
-        for reason, n in s.dropped.items():
+        # Largest first; a stats.json read back has its reasons in key order.
+        for reason, n in sorted(s.dropped.items(), key=lambda kv: (-kv[1], kv[0])):
             rows.append(
                 {"stage": s.stage, "reason": reason, "docs": None, "kept": None, "dropped": n,
                  "pct_dropped": _pct(n, s.docs_in), "mb_in": None, "mb_kept": None}

@@ -87,17 +87,21 @@ def test_training_is_reproducible(labels, tmp_path):
 def test_quality_in_spark_equals_in_process(spark, quality_model):
     path, _ = quality_model
     ids, texts = docs()
+    german = locale_sentences("de", limit=10)
     stage = QualityStage(QualityConfig(model_path=path, min_score=0.5))
-    result = run_stage(spark, stage, frame(spark, ids, texts), None)
+    # German pages are not judged by an English classifier: null score, kept.
+    df = frame(spark, ids + ["de"], texts + [" ".join(german)], ["en"] * len(ids) + ["de"])
+    result = run_stage(spark, stage, df, None)
     rows = {r["id"]: r for r in result.result.collect()}
     result.unpersist()
+    assert (rows.pop("de")["quality_score"], result.stats.docs_in) == (None, 31)
     expected = positive_probability(load_fasttext(path), texts, "hq", True, 10_000)
     for id_, score in zip(ids, expected):
         assert rows[id_]["quality_score"] == pytest.approx(score, abs=1e-6)
         assert rows[id_]["drop_reason"] == (None if score >= 0.5 else "quality_low_score")
     low = sum(s < 0.5 for s in expected)
     assert result.stats.dropped == ({"quality_low_score": low} if low else {})
-    assert result.stats.docs_in == result.stats.kept + low == len(ids)
+    assert result.stats.docs_in == result.stats.kept + low == len(ids) + 1
     # The spam pages (the last ten) score low, the source listings (the first ten) high;
     # bare docstrings, shorter than any training page, fall either side.
     assert all(s < 0.5 for s in expected[20:]) and all(s >= 0.5 for s in expected[:10])
@@ -208,3 +212,24 @@ def test_cli_trains_and_applies(spark, labels, tmp_path):
     assert stats["docs_in"] == 30 and stats["kept"] + stats["dropped"].get("quality_low_score", 0) == 30
     assert main(["curate", "train-domain", "--input", str(labels / "quality_pos.jsonl"),
                  "--output", str(tmp_path / "x.bin")]) == 2  # no label column: a clean error, exit 2
+
+
+def test_transformer_backend_for_domains(spark, labels, tmp_path):
+    from kiln.curation.scorer import Scorer, ScorerTrainConfig, train_scorer
+    from kiln.curation.tokenize import train_tokenizer
+
+    data = read_labelled([str(labels / "domain.jsonl")])
+    train_tokenizer(data.texts, str(tmp_path / "tok"), vocab_size=512)
+    cfg = ScorerTrainConfig(task="classification", tokenizer=str(tmp_path / "tok"), epochs=8, max_length=128)
+    metrics = train_scorer(data.texts, data.labels, cfg, str(tmp_path / "clf"))
+    assert metrics["accuracy"] >= 0.8  # held-out rows; the majority class alone is ~0.65
+    ids, texts = docs()
+    result = run_stage(spark, DomainStage(DomainConfig(backend="transformer", model_path=str(tmp_path / "clf"))),
+                       frame(spark, ids, texts), None)
+    rows = {r["id"]: r for r in result.result.collect()}
+    result.unpersist()
+    labels_, probs = Scorer.load(str(tmp_path / "clf")).classify(texts)
+    for id_, label, p in zip(ids, labels_, probs):
+        assert rows[id_]["domain"] == label
+        assert rows[id_]["domain_score"] == pytest.approx(float(p.max()), abs=1e-5)
+    assert result.stats.kept == 30

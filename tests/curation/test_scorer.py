@@ -221,9 +221,9 @@ def test_spark_scores_equal_in_process_and_min_score_drops(spark, classifier, tm
     result = run_stage(spark, stage, frame(spark, rows), str(tmp_path / "out"), write_dropped=True)
     assert result.stats.docs_in == 19 and result.stats.kept == 11
     assert result.stats.dropped == {"model_score_low": 8}
-    assert result.stats.extra["metrics"] == {"empty_documents": 3}
+    assert result.stats.extra["metrics"] == {"unscored_documents": 3}
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["extra"]["metrics"] == {"empty_documents": 3}
+    assert stats["extra"]["metrics"] == {"unscored_documents": 3}
 
     kept = {r["id"]: r["model_score"] for r in result.kept.collect()}
     assert set(kept) == {f"prose-{i}" for i in range(8)} | {"empty", "blank", "null"}
@@ -247,7 +247,7 @@ def test_regression_scores_through_spark_without_drops(spark, regressor):
     got = {r["id"]: r["code_fraction"] for r in result.result.collect()}
     result.unpersist()
     assert result.stats.kept == 30 and result.stats.dropped == {}
-    assert result.stats.extra["metrics"] == {"empty_documents": 0}
+    assert result.stats.extra["metrics"] == {"unscored_documents": 0}
     np.testing.assert_allclose([got[f"d{i}"] for i in range(30)], expected, rtol=0, atol=1e-5)
 
 
