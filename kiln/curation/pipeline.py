@@ -174,6 +174,9 @@ def run(spark, recipe: Recipe, stage_dirs: bool = True, log=None) -> list[StageS
         out_dir = paths.join(cfg.output, f"{i + 1:02d}_{stage.name}") if stage_dirs else cfg.output
         fingerprint = _fingerprint(fingerprint, stage.fingerprint())
         done = completed_stage(spark, out_dir, fingerprint) if reusing else None
+        if done is not None and not stage.outputs_intact():
+            log(f"[{stage.name}] finished output in {out_dir} has lost its side outputs: recomputing")
+            done = None
         if done is not None:
             log(f"[{stage.name}] reusing finished output in {out_dir}")
             result = done

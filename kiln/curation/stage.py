@@ -60,6 +60,11 @@ class Stage:
         """Output columns that feed `metrics` and are not written."""
         return []
 
+    def outputs_intact(self) -> bool:
+        """Whether side outputs a reused run relies on are still there (the tokenizer's
+        shards); a stage whose stats.json matches but whose side outputs are gone reruns."""
+        return True
+
     def finish(self, stats: StageStats) -> None:
         """Driver-side work after the output is written and counted, before stats.json
         marks it complete: cross-checks and summary files (the tokenizer's availability.json)."""

@@ -357,6 +357,16 @@ class TokenizeStage(Stage):
     def settings(self) -> dict:
         return {**asdict(self.cfg), "tokenizer_hash": self.info.hash, "dtype": self.info.dtype}
 
+    def outputs_intact(self) -> bool:
+        try:
+            with open(os.path.join(self.shards_dir, AVAILABILITY_FILE), encoding="utf-8") as f:
+                availability = json.load(f)
+            return availability.get("tokenizer_hash") == self.info.hash and all(
+                os.path.exists(os.path.join(self.shards_dir, index))
+                for d in availability["domains"].values() for index in d["shards"])
+        except (OSError, ValueError, KeyError):
+            return False
+
     def output_fields(self) -> list[pa.Field]:
         return [pa.field(schema.N_TOKENS, pa.int64()), pa.field(schema.SHARD, pa.string())]
 

@@ -123,3 +123,49 @@ def test_spark_submit_runs_the_same_job(warc, tmp_path):
     stats = StageStats.from_json((out / "stats.json").read_text())
     assert stats.docs_in == 28 and stats.kept == 27 and stats.dropped == {"not_html": 1}
     assert pl.read_parquet(str(out / "docs" / "*.parquet")).height == 27
+
+
+def test_pipeline_from_warc_to_token_shards(spark, warc, tmp_path, capsys):
+    import shutil
+
+    from kiln.curation.classify import FastTextTrainConfig, train_fasttext
+    from kiln.curation.tokenize import iter_documents, load_tokenizer, shard_indexes, train_tokenizer
+
+    prose = docstrings("argparse") + docstrings("textwrap") + docstrings("difflib")
+    code = [" ".join(Path(f"{os.path.dirname(os.__file__)}/{m}.py").read_text().splitlines()[i:i + 12])
+            for m in ("shutil", "tarfile") for i in range(0, 600, 20)]
+    train_fasttext(prose + code, ["general"] * len(prose) + ["code"] * len(code), str(tmp_path / "domain.bin"),
+                   FastTextTrainConfig(val_fraction=0))
+    train_tokenizer(prose, str(tmp_path / "tok"), vocab_size=400)
+    extra = f"""
+[domain]
+model_path = "{tmp_path / 'domain.bin'}"
+[tokenize]
+tokenizer = "{tmp_path / 'tok'}"
+"""
+    out = tmp_path / "out"
+    r = recipe(tmp_path / "r.toml", warc, out, extra)
+    text = r.read_text().replace('write_dropped = true', 'write_dropped = true\nstages = ["extract", "langid", "domain", "tokenize"]')
+    r.write_text(text)
+    assert main(["curate", "pipeline", str(r)]) == 0
+    stats = stage_stats(out)
+    assert [s.stage for s in stats] == ["extract", "langid", "domain", "tokenize"]
+    assert stats[3].docs_in == stats[2].kept == stats[1].kept == 21  # 18 en + 3 de pages
+    availability = json.loads((out / "04_tokenize" / "shards" / "availability.json").read_text())
+    assert availability["domains"]["multilingual"]["documents"] == 3  # the German pages, by lang
+    assert availability["total_documents"] == 21 and availability["total_tokens"] == stats[3].extra["metrics"]["tokens"]
+    tok = load_tokenizer(str(tmp_path / "tok")).tokenizer
+    docs = pl.read_parquet(str(out / "04_tokenize" / "docs" / "*.parquet"))
+    texts = dict(zip(docs["id"], docs["text"]))
+    for index in shard_indexes(str(out / "04_tokenize" / "shards")):
+        ids = json.loads(Path(index).read_text())["doc_ids"]
+        for doc_id, tokens in zip(ids, iter_documents(index)):
+            assert tokens.tolist() == tok.encode(texts[doc_id], add_special_tokens=False).ids
+    capsys.readouterr()
+    assert main(["curate", "pipeline", str(r)]) == 0
+    assert capsys.readouterr().err.count("reusing finished output") == 4
+    shutil.rmtree(out / "04_tokenize" / "shards")  # a reused stage must still have its shards
+    assert main(["curate", "pipeline", str(r)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reusing finished output") == 3 and "has lost its side outputs: recomputing" in err
+    assert json.loads((out / "04_tokenize" / "shards" / "availability.json").read_text()) == availability
