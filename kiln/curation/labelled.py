@@ -31,14 +31,6 @@ class Labelled:
         self.files += other.files
 
 
-def _resolve(inputs: list[str]) -> list[str]:
-    resolved = []
-    for p in inputs:
-        docs = paths.join(p, "docs")
-        resolved.append(docs if paths.exists(paths.join(p, "stats.json")) and paths.exists(docs) else p)
-    return [f for f in paths.expand_inputs(resolved) if not f.rsplit("/", 1)[-1].startswith(("_", "."))]
-
-
 def read_labelled(inputs: list[str], text_column: str = "text", label_column: str | None = "label",
                   label: object = None, max_rows: int = 0) -> Labelled:
     """Texts and labels from `inputs`. With `label` given, every row gets that label
@@ -46,7 +38,7 @@ def read_labelled(inputs: list[str], text_column: str = "text", label_column: st
     import orjson
 
     out = Labelled()
-    for path in _resolve(inputs):
+    for path in paths.document_files(inputs):
         out.files.append(path)
         if path.endswith(".parquet"):
             rows = _parquet_rows(path, text_column, None if label is not None else label_column)

@@ -52,6 +52,16 @@ def expand_inputs(paths: list[str]) -> list[str]:
     return files
 
 
+def document_files(inputs: list[str]) -> list[str]:
+    """Like expand_inputs, but a kiln stage directory (stats.json beside docs/) stands
+    for its kept documents, docs/."""
+    resolved = []
+    for p in inputs:
+        docs = join(p, "docs")
+        resolved.append(docs if exists(join(p, "stats.json")) and exists(docs) else p)
+    return expand_inputs(resolved)
+
+
 def _protocol(fs) -> str:
     return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 

@@ -37,7 +37,7 @@ from kiln.curation.filters import FilterStage, filter_specs
 from kiln.curation.langid import LangIdConfig, LangIdStage
 from kiln.curation.readers import ReadConfig, read_raw
 from kiln.curation.scorer import ScorerConfig, ScorerStage
-from kiln.curation.stage import DOCS_DIR, Stage, completed_stage, run_stage
+from kiln.curation.stage import Stage, completed_stage, run_stage
 from kiln.curation.stats import StageStats, format_funnel
 from kiln.curation.tokenize import TokenizeConfig, TokenizeStage
 
@@ -104,43 +104,27 @@ def load_recipe(path: str) -> Recipe:
     return parse_recipe(load_toml(path), where=str(path))
 
 
+# Stages built from their own recipe section (extract and filter need more).
+STAGE_CLASSES = {"langid": LangIdStage, "dedup_url": UrlDedupStage, "dedup_exact": ExactDedupStage,
+                 "dedup_lines": LineDedupStage, "dedup_minhash": MinHashDedupStage, "quality": QualityStage,
+                 "scorer": ScorerStage, "domain": DomainStage, "decontam": DecontamStage,
+                 "tokenize": TokenizeStage}
+
+
 def build_stage(name: str, recipe: Recipe) -> Stage:
     if name == "extract":
         recipe.read.max_html_bytes = recipe.extract.max_html_bytes
         return ExtractStage(recipe.extract)
-    if name == "langid":
-        return LangIdStage(recipe.langid)
     if name == "filter":
         return FilterStage(filter_specs(recipe.filter))
-    if name == "dedup_url":
-        return UrlDedupStage(recipe.dedup_url)
-    if name == "dedup_exact":
-        return ExactDedupStage(recipe.dedup_exact)
-    if name == "dedup_lines":
-        return LineDedupStage(recipe.dedup_lines)
-    if name == "dedup_minhash":
-        return MinHashDedupStage(recipe.dedup_minhash)
-    if name == "quality":
-        return QualityStage(recipe.quality)
-    if name == "scorer":
-        return ScorerStage(recipe.scorer)
-    if name == "domain":
-        return DomainStage(recipe.domain)
-    if name == "decontam":
-        return DecontamStage(recipe.decontam)
-    if name == "tokenize":
-        return TokenizeStage(recipe.tokenize)
+    if name in STAGE_CLASSES:
+        return STAGE_CLASSES[name](getattr(recipe, name))
     raise ConfigError(f"unknown stage {name!r}")
 
 
 def read_documents(spark, inputs: list[str]):
     """A kiln document table: stage output directories (their docs/) or Parquet files."""
-    resolved = []
-    for p in inputs:
-        docs = paths.join(p, DOCS_DIR)
-        resolved.append(docs if paths.exists(paths.join(p, "stats.json")) and paths.exists(docs) else p)
-    files = paths.expand_inputs(resolved)
-    df = spark.read.parquet(*files)
+    df = spark.read.parquet(*paths.document_files(inputs))
     missing = schema.missing_columns(df.columns, [schema.ID, schema.TEXT])
     if missing:
         raise ConfigError(f"{inputs[0]}: not a kiln document table: missing column {missing[0]!r}")

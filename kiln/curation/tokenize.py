@@ -118,7 +118,7 @@ def iter_texts(inputs: list[str], text_column: str = "text", max_chars: int = 0)
     that many characters, the last text cut to fit: a tokenizer is trained on the
     driver, in one process, from a bounded sample of the corpus, not all of it."""
     seen = 0
-    for path in _resolve_inputs(inputs):
+    for path in paths.document_files(inputs):
         for text in _file_texts(path, text_column):
             if not isinstance(text, str) or not text.strip():
                 continue
@@ -127,15 +127,6 @@ def iter_texts(inputs: list[str], text_column: str = "text", max_chars: int = 0)
                 return
             seen += len(text)
             yield text
-
-
-def _resolve_inputs(inputs: list[str]) -> list[str]:
-    # A kiln stage directory (stats.json beside docs/) stands for its kept documents.
-    resolved = []
-    for p in inputs:
-        docs = paths.join(p, "docs")
-        resolved.append(docs if paths.exists(paths.join(p, "stats.json")) and paths.exists(docs) else p)
-    return paths.expand_inputs(resolved)
 
 
 def _file_texts(path: str, text_column: str) -> Iterator:
@@ -154,15 +145,10 @@ def _file_texts(path: str, text_column: str) -> Iterator:
     elif fmt == "jsonl":
         import orjson
 
-        with paths.open_lines(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = orjson.loads(line)
-                except orjson.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{line_no}: not JSON: {e}") from e
-                yield row.get(text_column) if isinstance(row, dict) else None
+        from kiln.curation.labelled import jsonl_rows
+
+        for _where, row in jsonl_rows(path, orjson):
+            yield row.get(text_column)
     else:
         raise ConfigError(f"{path}: WARC holds HTML, not text; extract it first (kiln curate) and train on that")
 
