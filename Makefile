@@ -58,7 +58,7 @@ $(MODELS)/tokenizer/tokenizer.json: $(SAMPLE) recipes/demo.toml
 
 $(MODELS)/scorer/kiln_scorer.json: $(MODELS)/tokenizer/tokenizer.json
 	$(KILN) curate train-scorer --input $(LABELS)/quality_scores.jsonl --label-column score \
-		--tokenizer $(MODELS)/tokenizer --output $(MODELS)/scorer
+		--tokenizer $(MODELS)/tokenizer --epochs 5 --lr 1e-3 --output $(MODELS)/scorer
 
 demo: setup $(SAMPLE) $(MODELS)/quality.bin $(MODELS)/domain.bin $(MODELS)/scorer/kiln_scorer.json
 	$(KILN) curate pipeline recipes/demo.toml
