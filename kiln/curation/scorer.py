@@ -35,7 +35,8 @@ from pyspark.sql import functions as F
 
 from kiln.config import ConfigError
 from kiln.curation import schema
-from kiln.curation.stage import Stage, in_languages, output_schema, set_columns, text_bytes
+from kiln.curation.stage import (Stage, in_languages, one_thread_per_core, output_schema, set_columns, task_cpus,
+                                 text_bytes)
 
 META_FILE = "kiln_scorer.json"
 TASKS = ("regression", "classification")
@@ -543,16 +544,6 @@ def worker_scorer(shipped: str, device: str = "auto", batch_size: int = 32, max_
     return scorer
 
 
-def _task_cpus() -> int:
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    try:
-        return max(1, int(ctx.cpus())) if ctx else 1
-    except Exception:  # noqa: BLE001 - a context without resource information
-        return 1
-
-
 _SHIPPED: dict[tuple, str] = {}  # (application, name, archive) -> the name executors ask SparkFiles for
 
 
@@ -624,7 +615,8 @@ class ScorerStage(Stage):
     def process_partition(self, batches):
         import torch
 
-        torch.set_num_threads(_task_cpus())  # the task's cores, not every core of the executor
+        torch.set_num_threads(task_cpus())  # the task's cores, not every core of the executor
+        one_thread_per_core()
         for batch in batches:
             yield self.process(batch)
 

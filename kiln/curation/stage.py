@@ -135,6 +135,27 @@ def in_languages(batch: pa.RecordBatch, languages: list[str]) -> list[bool]:
     return [lang in keep for lang in batch.column(schema.LANG).to_pylist()]
 
 
+def task_cpus() -> int:
+    """Cores Spark gave the running task (spark.task.cpus); 1 outside a task."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    try:
+        return max(1, int(ctx.cpus())) if ctx else 1
+    except Exception:  # noqa: BLE001 - a context without resource information
+        return 1
+
+
+def one_thread_per_core() -> None:
+    """Keep a task's Rust tokenizer on the task's cores. Spark already runs one task per
+    core; tokenizers' batch encoding would add a thread per core in every task, and the
+    oversubscribed cores run measurably slower (benchmarks/classify_tokenize_throughput)."""
+    import os
+
+    if task_cpus() == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def text_bytes(texts: list[str | None]) -> list[int]:
     return [len(t.encode("utf-8", "surrogatepass")) if t else 0 for t in texts]
 

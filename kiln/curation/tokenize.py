@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from kiln.config import ConfigError
 from kiln.curation import paths, schema
-from kiln.curation.stage import Stage, output_schema, set_columns, text_bytes
+from kiln.curation.stage import Stage, one_thread_per_core, output_schema, set_columns, text_bytes
 from kiln.curation.stats import StageStats
 
 EOS_TOKEN, PAD_TOKEN, BOS_TOKEN = "<|endoftext|>", "<|pad|>", "<|begin_of_text|>"
@@ -386,6 +386,7 @@ class TokenizeStage(Stage):
 
         task = TaskContext.get()
         partition, attempt = (task.partitionId(), task.attemptNumber()) if task else (0, 0)
+        one_thread_per_core()
         tokenizer = worker_tokenizer(self._shipped_name)
         header = {"format": SHARD_FORMAT, "tokenizer_hash": self.info.hash, "vocab_size": self.info.vocab_size,
                   "eos_id": self.info.eos_id, "dtype": self.info.dtype}
