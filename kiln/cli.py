@@ -234,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-dropped", action="store_true", help="override [pipeline] write_dropped")
     p.add_argument("--master", help="Spark master for a local run (default local[*])")
 
+    p = sub.add_parser("train", help="staged pretraining from a TOML recipe (FSDP2 under torchrun)",
+                       description="Train the stages of a recipe (core, long context, annealing) on token shards: "
+                                   "each stage starts from the previous one's weights, checkpoints with "
+                                   "torch.distributed.checkpoint and exports a Hugging Face model directory. "
+                                   "Single process, or `torchrun --nproc_per_node=N -m kiln.training RECIPE`.")
+    p.add_argument("recipe", help="training recipe TOML (see recipes/tiny_train.toml)")
+    p.add_argument("--output", help="override [run] output")
+    p.add_argument("--shards", help="override [run] shards")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start unfinished stages from scratch instead of their newest complete checkpoint")
+
     p = stages.add_parser("sample", help="build the demo WARC from text on this machine",
                           description="Deterministically build the sample WARC used by `make demo`.")
     p.add_argument("--out", default="data/sample.warc.gz", help="output WARC path")
@@ -389,6 +400,19 @@ def train(args) -> int:
     raise ConfigError(f"unknown command {args.stage}")
 
 
+def train_command(args) -> int:
+    from kiln.training import recipe as training_recipe
+    from kiln.training.train import train as run_training
+
+    recipe = training_recipe.load(args.recipe)
+    if args.output:
+        recipe.run.output = args.output
+    if args.shards:
+        recipe.run.shards = args.shards
+    run_training(recipe, resume=not args.no_resume)
+    return 0
+
+
 def curate(args) -> int:
     if args.stage == "sample":
         from kiln.curation.sample import build_labels, build_sample
@@ -414,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "curate":
             return curate(args)
+        if args.command == "train":
+            return train_command(args)
     except ConfigError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2

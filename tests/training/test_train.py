@@ -1,0 +1,203 @@
+"""The staged trainer: golden loss curve, exact kill-and-resume, FSDP2 under torchrun,
+three stages to a Hugging Face model, and recipes and checkpoints that must fail."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln.config import ConfigError
+from kiln.training import recipe as recipes
+from kiln.training.train import train
+from tests.conftest import STDLIB, docstrings, locale_sentences
+from tests.training.test_data import write_shards
+
+GOLDEN = Path(__file__).parent.parent / "assets" / "losses" / "debug_cpu.json"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Real text in three domains, tokenized with a tokenizer trained here."""
+    from kiln.curation.tokenize import load_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("corpus")
+    general = docstrings("argparse") + docstrings("textwrap") + docstrings("difflib") + docstrings("tarfile")
+    code = ["\n".join((STDLIB / f"{m}.py").read_text().splitlines()[i:i + 30])
+            for m in ("shutil", "heapq", "bisect") for i in range(0, 900, 30)]
+    multilingual = [" ".join(locale_sentences(lang, limit=40)[i:i + 5]) for lang in ("de", "fr") for i in range(0, 40, 5)]
+    train_tokenizer(general + code + multilingual, str(root / "tok"), vocab_size=512)
+    info = load_tokenizer(str(root / "tok"))
+    tok = info.tokenizer
+    docs = {domain: {f"{domain}-{i}": tok.encode(t, add_special_tokens=False).ids for i, t in enumerate(texts)}
+            for domain, texts in (("general", general), ("code", code), ("multilingual", multilingual))}
+    write_shards(root / "shards", docs, parts=2, tokenizer_hash=info.hash, vocab_size=info.vocab_size)
+    return root
+
+
+def recipe_text(corpus: Path, out: Path, stages: str, model: str = 'preset = "debug"') -> str:
+    return f"""
+[run]
+output = "{out}"
+shards = "{corpus / 'shards'}"
+tokenizer = "{corpus / 'tok'}"
+seed = 0
+val_fraction = 0.05
+log_every = 5
+
+[model]
+{model}
+
+{stages}
+"""
+
+
+CORE = """
+[[stage]]
+name = "core"
+weights = { general = 0.6, code = 0.3, multilingual = 0.1 }
+tokens = 12_800
+seq_len = 64
+batch_size = 8
+lr = 3e-3
+warmup = 0.1
+checkpoint_every = 5
+eval_every = 10
+"""
+
+THREE = CORE + """
+[[stage]]
+name = "long"
+weights = { general = 0.6, code = 0.3, multilingual = 0.1 }
+tokens = 4_096
+seq_len = 128
+batch_size = 4
+rope_theta = 100_000.0
+doc_masking = true
+lr = 1e-3
+schedule = "wsd"
+checkpoint_every = 4
+
+[[stage]]
+name = "anneal"
+weights = { general = 0.7, code = 0.3 }
+tokens = 4_096
+seq_len = 128
+batch_size = 4
+lr = 1e-3
+schedule = "linear"
+checkpoint_every = 2
+average_last = 3
+"""
+
+
+def write_recipe(tmp_path: Path, corpus: Path, stages: str, name: str = "r.toml", **kw) -> Path:
+    path = tmp_path / name
+    path.write_text(recipe_text(corpus, tmp_path / "run", stages, **kw))
+    return path
+
+
+def losses(stage_dir: Path) -> dict[int, float]:
+    """step -> train loss; a resumed run's later record of a step wins."""
+    out = {}
+    for line in (stage_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["train/loss"]
+    return out
+
+
+def test_debug_model_reproduces_its_golden_loss_curve(corpus, tmp_path):
+    train(recipes.load(str(write_recipe(tmp_path, corpus, CORE))))
+    got = losses(tmp_path / "run" / "01_core")
+    assert len(got) == 25  # 12,800 tokens / (8 x 64) per step
+    if os.environ.get("KILN_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps({str(k): v for k, v in got.items()}, indent=1) + "\n")
+    golden = {int(k): v for k, v in json.loads(GOLDEN.read_text()).items()}
+    assert got.keys() == golden.keys()
+    for step in golden:  # fp32 on CPU, fixed seed: the same numbers, to rounding
+        assert got[step] == pytest.approx(golden[step], rel=1e-6, abs=1e-6), step
+    assert got[25] < got[1] - 0.5  # and it learns (ln 512 = 6.24 at the start)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path):
+    (tmp_path / "a").mkdir()
+    train(recipes.load(str(write_recipe(tmp_path / "a", corpus, CORE))))
+    reference = losses(tmp_path / "a" / "run" / "01_core")
+    (tmp_path / "b").mkdir()
+    cut = write_recipe(tmp_path / "b", corpus, CORE)
+    train(recipes.load(str(cut)), stop_after_steps=13)  # killed after step 13; the last checkpoint is step 10
+    ckpts = sorted(p.name for p in (tmp_path / "b" / "run" / "01_core" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000005", "step-00000010"]
+    (tmp_path / "b" / "run" / "01_core" / "checkpoints" / ".step-00000015.tmp").mkdir()  # a save cut short
+    train(recipes.load(str(cut)))
+    resumed = losses(tmp_path / "b" / "run" / "01_core")
+    assert resumed == reference  # exactly: model, optimizer, data stream and RNG all restored
+
+
+def test_three_stages_export_a_hugging_face_model(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    summaries = train(recipes.load(str(write_recipe(tmp_path, corpus, THREE))))
+    assert [s["stage"] for s in summaries] == ["core", "long", "anneal"]
+    assert [s["tokens"] for s in summaries] == [12_800, 4_096, 4_096]
+    anneal = tmp_path / "run" / "03_anneal"
+    assert sorted(p.name for p in (anneal / "checkpoints").iterdir())[-3:] == [
+        "step-00000004", "step-00000006", "step-00000008"]
+    model = AutoModelForCausalLM.from_pretrained(str(anneal / "final"))
+    assert model.config.rope_parameters["rope_theta"] == 100_000.0  # raised by the long-context stage
+    assert (anneal / "final" / "tokenizer.json").exists()
+    records = [json.loads(x) for x in (anneal / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train/lr"] == pytest.approx(1e-3 * (1 - 3584 / 4096))  # linear to 0, before the last step
+    assert "val/general/bpb" in records[-1] and summaries[2]["averaged"] == 3
+    # A relaunch finds every stage finished.
+    again = train(recipes.load(str(tmp_path / "r.toml")))
+    assert again == summaries
+
+
+def test_fsdp2_on_two_cpu_processes_matches_one(corpus, tmp_path):
+    one = write_recipe(tmp_path, corpus, CORE.replace("tokens = 12_800", "tokens = 5_120"), name="one.toml")
+    train(recipes.load(str(one)))
+    single = losses(tmp_path / "run" / "01_core")
+    two = tmp_path / "two.toml"
+    two.write_text(one.read_text().replace(str(tmp_path / "run"), str(tmp_path / "run2")))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "kiln.training", str(two)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stderr
+    sharded = losses(tmp_path / "run2" / "01_core")
+    assert sharded.keys() == single.keys()
+    for step in single:  # the same global batch, split over ranks: float reassociation only
+        assert sharded[step] == pytest.approx(single[step], rel=1e-4), step
+
+
+def test_bad_recipes_fail_at_start_with_the_reason(corpus, tmp_path):
+    bad = write_recipe(tmp_path, corpus, CORE.replace("seq_len = 64", "seq_len = 64\nsequence = 1"))
+    with pytest.raises(ConfigError, match=r"r.toml: \[\[stage\]\] #1: unknown key 'sequence'"):
+        recipes.load(str(bad))
+    bad = write_recipe(tmp_path, corpus, CORE.replace("multilingual = 0.1", "multilingual = 0.2"))
+    with pytest.raises(ConfigError, match=r"r.toml: \[\[stage\]\] core: .*sum"):
+        train(recipes.load(str(bad)))
+    bad = write_recipe(tmp_path, corpus, CORE.replace("multilingual = 0.1", "multilingual = 0.05, math = 0.05"))
+    with pytest.raises(ConfigError, match="domain 'math' is in the mixture but not in"):
+        train(recipes.load(str(bad)))
+    bad = write_recipe(tmp_path, corpus, CORE, model='preset = "debug"\nvocab_size = 256')
+    with pytest.raises(ConfigError, match="512"):  # shards from a larger tokenizer than the model's vocabulary
+        train(recipes.load(str(bad)))
+
+
+def test_a_checkpoint_of_another_shape_is_refused(corpus, tmp_path):
+    good = write_recipe(tmp_path, corpus, CORE)
+    train(recipes.load(str(good)), stop_after_steps=6)
+    shutil.rmtree(tmp_path / "run" / "01_core" / "final", ignore_errors=True)
+    wider = write_recipe(tmp_path, corpus, CORE, model='preset = "debug"\nhidden_size = 128')
+    with pytest.raises(ConfigError, match=r"step-00000005: checkpoint of another model shape: hidden_size = 64, "
+                                          r"the recipe's model has 128"):
+        train(recipes.load(str(wider)))
