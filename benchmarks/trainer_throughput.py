@@ -105,14 +105,15 @@ def plain_run(args, weights: dict, total_steps: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", default="out/demo/12_tokenize/shards", help="token shards (make demo writes these)")
+    p.add_argument("--shards", default=str(Path(__file__).resolve().parent.parent / "out/demo/12_tokenize/shards"),
+                   help="token shards (make demo writes these)")
     p.add_argument("--preset", default="tiny", help="model preset (default tiny: ~7M parameters with an 8k vocab)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="result folder")
     args = p.parse_args()
     if not Path(args.shards, "availability.json").exists():
         print(f"{args.shards}: no token shards (run `make demo` first)", file=sys.stderr)
@@ -145,7 +146,7 @@ def main() -> int:
         f"- machine: {report['machine']}", f"- versions: {report['versions']}",
         f"- model: preset {args.preset}, {n_params / 1e6:.1f}M parameters, vocab {cfg.vocab_size}; fp32, "
         f"{args.threads} torch threads; batch {args.batch} x {args.seq_len} tokens; {args.steps} timed steps "
-        f"after {args.warmup}", f"- command: `python benchmarks/trainer_throughput.py --shards {args.shards}`", "",
+        f"after {args.warmup}", f"- command: `python benchmarks/trainer_throughput.py`", "",
         "| loop | tokens/s (run 1, run 2) | best |", "|---|---:|---:|",
         f"| plain transformers loop (full logits, F.cross_entropy, AdamW) | "
         f"{plain_rates[0]:,.0f}, {plain_rates[1]:,.0f} | {best_plain:,.0f} |",

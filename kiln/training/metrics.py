@@ -51,7 +51,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, path: str | None, main: bool, tensorboard_dir: str = "", stream=sys.stderr):
+    def __init__(self, path: str | None, main: bool, tensorboard_dir: str = "", stream=None):
         self.main = main
         self.stream = stream
         self.file = None
@@ -65,7 +65,7 @@ class MetricsLogger:
 
                 self.tb = SummaryWriter(tensorboard_dir)
             except ImportError:
-                print("tensorboard is not installed: TensorBoard logging is off", file=stream)
+                print("tensorboard is not installed: TensorBoard logging is off", file=stream or sys.stderr)
 
     def log(self, step: int, record: dict) -> None:
         if not self.main:
@@ -81,7 +81,7 @@ class MetricsLogger:
 
     def print(self, msg: str) -> None:
         if self.main:
-            print(msg, file=self.stream, flush=True)
+            print(msg, file=self.stream or sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.file:

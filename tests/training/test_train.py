@@ -125,7 +125,7 @@ def test_debug_model_reproduces_its_golden_loss_curve(corpus, tmp_path):
     assert got[25] < got[1] - 0.5  # and it learns (ln 512 = 6.24 at the start)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path):
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path, capsys):
     (tmp_path / "a").mkdir()
     train(recipes.load(str(write_recipe(tmp_path / "a", corpus, CORE))))
     reference = losses(tmp_path / "a" / "run" / "01_core")
@@ -134,8 +134,15 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path):
     train(recipes.load(str(cut)), stop_after_steps=13)  # killed after step 13; the last checkpoint is step 10
     ckpts = sorted(p.name for p in (tmp_path / "b" / "run" / "01_core" / "checkpoints").iterdir())
     assert ckpts == ["step-00000005", "step-00000010"]
-    (tmp_path / "b" / "run" / "01_core" / "checkpoints" / ".step-00000015.tmp").mkdir()  # a save cut short
+    ckpt_dir = tmp_path / "b" / "run" / "01_core" / "checkpoints"
+    (ckpt_dir / ".step-00000015.tmp").mkdir()  # a save cut short
+    (ckpt_dir / "step-00000012").mkdir()  # a directory without its marker: not a checkpoint
+    capsys.readouterr()
     train(recipes.load(str(cut)))
+    err = capsys.readouterr().err
+    assert ".step-00000015.tmp: partial checkpoint (interrupted while writing), skipped" in err
+    assert "step-00000012: incomplete checkpoint (no kiln_checkpoint.json or DCP .metadata), skipped" in err
+    assert "resumed from " in err and "step-00000010 (step 10, 5,120 tokens)" in err
     resumed = losses(tmp_path / "b" / "run" / "01_core")
     assert resumed == reference  # exactly: model, optimizer, data stream and RNG all restored
 
