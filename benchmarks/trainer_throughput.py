@@ -146,7 +146,7 @@ def main() -> int:
         f"- machine: {report['machine']}", f"- versions: {report['versions']}",
         f"- model: preset {args.preset}, {n_params / 1e6:.1f}M parameters, vocab {cfg.vocab_size}; fp32, "
         f"{args.threads} torch threads; batch {args.batch} x {args.seq_len} tokens; {args.steps} timed steps "
-        f"after {args.warmup}", f"- command: `python benchmarks/trainer_throughput.py`", "",
+        f"after {args.warmup}", "- command: `python benchmarks/trainer_throughput.py`", "",
         "| loop | tokens/s (run 1, run 2) | best |", "|---|---:|---:|",
         f"| plain transformers loop (full logits, F.cross_entropy, AdamW) | "
         f"{plain_rates[0]:,.0f}, {plain_rates[1]:,.0f} | {best_plain:,.0f} |",
