@@ -245,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true",
                    help="start unfinished stages from scratch instead of their newest complete checkpoint")
 
+    from kiln.mixing.cli import add_parser as add_mix_parser
+
+    add_mix_parser(sub)
+
     p = stages.add_parser("sample", help="build the demo WARC from text on this machine",
                           description="Deterministically build the sample WARC used by `make demo`.")
     p.add_argument("--out", default="data/sample.warc.gz", help="output WARC path")
@@ -440,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
             return curate(args)
         if args.command == "train":
             return train_command(args)
+        if args.command == "mix":
+            from kiln.mixing.cli import run as mix_command
+
+            return mix_command(args)
     except ConfigError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
