@@ -65,18 +65,18 @@ MIX := out/demo/mix
 
 # Curation from WARC to token shards, then the mixture search on those shards:
 # 15 proxy mixtures (3(m+1) for 4 domains), a tiny model trained on each, a fit of the
-# mean validation loss, and the best mixture for a 1M-token run under a 4-epoch cap.
+# mean validation loss, and the best mixture for a 200k-token run under a 4-epoch cap.
 demo: setup $(SAMPLE) $(MODELS)/quality.bin $(MODELS)/domain.bin $(MODELS)/scorer/kiln_scorer.json
 	$(KILN) curate pipeline recipes/demo.toml
-	$(KILN) mix design --availability $(SHARDS)/availability.json --target-tokens 1000000 --max-epochs 4 \
+	$(KILN) mix design --availability $(SHARDS)/availability.json --target-tokens 200000 --max-epochs 4 \
 		--min-weight 0.01 --out $(MIX)/plan.csv
 	$(KILN) mix run $(MIX)/plan.csv --shards $(SHARDS) --tokenizer $(MODELS)/tokenizer --output $(MIX)/runs \
 		--tokens 100000
 	$(KILN) mix fit $(MIX)/runs/runs.csv --weights 'w_*' --target val_mean --out $(MIX)/fit.json
-	$(KILN) mix optimize $(MIX)/fit.json --availability $(SHARDS)/availability.json --target-tokens 1000000 \
+	$(KILN) mix optimize $(MIX)/fit.json --availability $(SHARDS)/availability.json --target-tokens 200000 \
 		--max-epochs 4 --out $(MIX)/mixture.toml
 	$(KILN) mix report $(MIX)/fit.json --runs $(MIX)/runs/runs.csv --availability $(SHARDS)/availability.json \
-		--target-tokens 1000000 --max-epochs 4 --out $(MIX)/report
+		--target-tokens 200000 --max-epochs 4 --out $(MIX)/report
 
 test: setup
 	$(PY) -m pytest -q tests
