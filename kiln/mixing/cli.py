@@ -64,6 +64,10 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="auto", choices=["auto", "law", "linear", "gbm"])
     p.add_argument("--bootstrap", type=int, default=50, help="bootstrap resamples for intervals (default 50)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale-column", metavar="COL",
+                   help="scale mode: fit the law at each value of COL (model size or tokens) and extrapolate its "
+                        "parameters, linear in log scale, to --target-scale")
+    p.add_argument("--target-scale", type=float, help="scale mode: the model size / token count to predict at")
     p.add_argument("--out", required=True, help="FIT.json")
 
     p = cmds.add_parser("predict", help="predicted target (and interval) for a table of mixtures")
@@ -153,7 +157,17 @@ def run(args) -> int:
         from kiln.mixing.table import load_runs
 
         runs = load_runs(args.runs, args.weights, args.target)
-        result = fit(runs, method=args.method, n_boot=args.bootstrap, seed=args.seed)
+        if bool(args.scale_column) != bool(args.target_scale):
+            raise ConfigError("kiln mix fit: scale mode needs both --scale-column and --target-scale")
+        if args.scale_column:
+            from kiln.mixing.fit import fit_scaling
+
+            if args.method not in ("auto", "law"):
+                raise ConfigError("kiln mix fit: scale mode extrapolates the law's parameters; use --method law")
+            result = fit_scaling(runs.split(args.scale_column), args.target_scale, n_boot=args.bootstrap,
+                                 seed=args.seed)
+        else:
+            result = fit(runs, method=args.method, n_boot=args.bootstrap, seed=args.seed)
         result.save(args.out)
         print(f"wrote {args.out}: {result.method} fit of {result.target} over {', '.join(result.domains)}")
     elif cmd == "predict":

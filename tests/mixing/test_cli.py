@@ -52,3 +52,26 @@ def test_fit_predict_optimize_round_trip(tmp_path, capsys):
     assert main(["mix", "optimize", str(tmp_path / "fit.json"), "--availability", str(tmp_path / "availability.json"),
                  "--target-tokens", "10000", "--max-epochs", "2", "--out", str(tmp_path / "x.toml")]) == 2
     assert "caps allow only 2,400 of the 10,000 target tokens" in capsys.readouterr().err
+
+
+def test_scale_mode_from_the_command_line(tmp_path):
+    # Law parameters linear in log(tokens): fitted at 1e8, 2e8, 4e8 and read at 1.6e9.
+    rng = np.random.default_rng(3)
+    t = np.array([-1.0, 0.2, 0.8])
+    frames = []
+    for D in (1e8, 2e8, 4e8):
+        x = np.log(D / 1e8)
+        W = rng.dirichlet(np.ones(3), 20)
+        y = (3.0 - 0.1 * x) + np.exp(np.log(0.8) - 0.05 * x) * np.exp(W @ t)
+        frames.append(pl.DataFrame({"w_a": W[:, 0], "w_b": W[:, 1], "w_c": W[:, 2], "loss": y,
+                                    "tokens": np.full(20, D)}))
+    pl.concat(frames).write_csv(tmp_path / "runs.csv")
+    assert main(["mix", "fit", str(tmp_path / "runs.csv"), "--weights", "w_*", "--target", "loss", "--bootstrap", "4",
+                 "--scale-column", "tokens", "--target-scale", "1.6e9", "--out", str(tmp_path / "fit.json")]) == 0
+    fit = Fit.load(str(tmp_path / "fit.json"))
+    W = np.array([[1 / 3, 1 / 3, 1 / 3], [0.7, 0.2, 0.1]])
+    x = np.log(16.0)
+    truth = (3.0 - 0.1 * x) + np.exp(np.log(0.8) - 0.05 * x) * np.exp(W @ t)
+    assert fit.predict(W).mean == pytest.approx(truth, abs=1e-4)
+    assert main(["mix", "fit", str(tmp_path / "runs.csv"), "--weights", "w_*", "--target", "loss",
+                 "--scale-column", "tokens", "--out", str(tmp_path / "x.json")]) == 2
