@@ -78,7 +78,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from common import (Monitor, NEIGHBOUR_WARNING, is_ours, log, machine, processes, versions,  # noqa: E402
+from common import (Monitor, NEIGHBOUR_WARNING, Rates, is_ours, log, machine, processes, versions,  # noqa: E402
                     wait_until_quiet, warm_up, write_results)
 from kiln.curation import schema  # noqa: E402
 from kiln.curation.classify import (QUALITY_NEGATIVE, QUALITY_POSITIVE, FastTextModel,  # noqa: E402
@@ -104,7 +104,7 @@ STEADY_WAIT_S = 30.0
 
 
 @dataclass
-class Measurement:
+class Measurement(Rates):
     name: str  # e.g. "fastText / in-process predict"
     cores: int  # what rates are divided by: 1 (one thread), N (local[N]), or the machine's cores
     docs: int
@@ -115,14 +115,6 @@ class Measurement:
     tokens: int | None = None  # tokenization: tokens produced (EOS excluded, so both sides count alike)
     kept: int | None = None  # fastText: documents scoring at least MIN_SCORE
     notes: dict = field(default_factory=dict)
-
-    @property
-    def docs_per_s(self) -> float:
-        return self.docs / self.seconds
-
-    @property
-    def docs_per_s_per_core(self) -> float:
-        return self.docs_per_s / self.cores
 
     @property
     def tokens_per_s_per_core(self) -> float | None:
@@ -136,9 +128,6 @@ class Measurement:
     def jvm_cores(self) -> float:
         return self.jvm_cpu_s / self.seconds
 
-    @property
-    def other_load(self) -> float:
-        return self.other_cpu_s / (self.seconds * (os.cpu_count() or 1))
 
     @classmethod
     def timed(cls, name: str, cores: int, docs: int, timer, notes: dict | None = None, **kw) -> "Measurement":

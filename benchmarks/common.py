@@ -196,3 +196,20 @@ def warm_up(spark, cores: int) -> None:
 
     (spark.range(0, 4 * cores, numPartitions=cores)
      .mapInArrow(identity, StructType([StructField("id", LongType())])).collect())
+
+
+class Rates:
+    """Rates of a measurement with `docs`, `seconds`, `cores` and `other_cpu_s` fields."""
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs / self.seconds
+
+    @property
+    def docs_per_s_per_core(self) -> float:
+        return self.docs_per_s / self.cores
+
+    @property
+    def other_load(self) -> float:
+        """Share of the machine's CPU that other processes took while this ran."""
+        return self.other_cpu_s / (self.seconds * (os.cpu_count() or 1))

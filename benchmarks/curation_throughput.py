@@ -53,7 +53,7 @@ import orjson  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from common import Monitor, NEIGHBOUR_WARNING, log, machine, versions, wait_until_quiet, warm_up, write_results  # noqa: E402
+from common import Monitor, NEIGHBOUR_WARNING, Rates, log, machine, versions, wait_until_quiet, warm_up, write_results  # noqa: E402
 from kiln.curation import schema  # noqa: E402
 from kiln.curation.extract import ExtractConfig, ExtractStage, decode_html, extract_main_content  # noqa: E402
 from kiln.curation.filters import FilterStage, filter_specs  # noqa: E402
@@ -84,7 +84,7 @@ READER_DROPS = {"not_html", "http_not_ok", "html_too_large", "empty_page", "bad_
 
 
 @dataclass
-class Measurement:
+class Measurement(Rates):
     name: str  # e.g. "extract / plain loop"
     cores: int
     docs: int  # documents given to the measured work
@@ -94,18 +94,6 @@ class Measurement:
     other_cpu_s: float = 0.0  # CPU seconds other processes on the machine used meanwhile (see common.Monitor)
     notes: dict = field(default_factory=dict)
 
-    @property
-    def docs_per_s(self) -> float:
-        return self.docs / self.seconds
-
-    @property
-    def docs_per_s_per_core(self) -> float:
-        return self.docs_per_s / self.cores
-
-    @property
-    def other_load(self) -> float:
-        """Share of the machine's CPU that other processes took while this ran."""
-        return self.other_cpu_s / (self.seconds * (os.cpu_count() or 1))
 
 
 # --------------------------------------------------------------------------- input
