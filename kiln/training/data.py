@@ -304,6 +304,11 @@ class TokenSource:
             lengths.append(np.diff(offsets))
             ids.extend(index["doc_ids"])
         docs = _Docs(np.concatenate(shard_of), np.concatenate(starts), np.concatenate(lengths))
+        # Documents in id order: the order rows reach the shards follows Spark's shuffles
+        # and partitioning, which differ between two runs of the same pipeline; the
+        # training stream must not.
+        order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+        docs, ids = docs.take(order), [ids[i] for i in order]
         held = _split(ids, docs.length, self.val_fraction, self.val_min_docs, self.val_min_tokens)
         return _Domain(name, [tokens for _, tokens, _ in shards], docs.take(np.flatnonzero(~held)),
                        docs.take(np.flatnonzero(held)), [i for i, h in zip(ids, held) if h],
