@@ -20,6 +20,9 @@
     kiln curate train-tokenizer --input OUT7 --vocab-size 8192 --output tok/
     kiln curate sample   --out data/sample.warc.gz [--labels data/labels]   the bundled demo data
 
+    kiln mix design|run|fit|predict|optimize|almr|cmr|report ...   choose the mixture (kiln mix --help)
+    kiln train recipes/tiny_train.toml                       staged pretraining; torchrun -m kiln.training for FSDP2
+
 Each stage is also `spark-submit kiln/curation/jobs/<stage>.py ...` with the same
 options: a local run starts `local[*]` Spark itself, spark-submit brings its own master.
 """
@@ -48,7 +51,8 @@ def _common(p: argparse.ArgumentParser, needs_input: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kiln", description="Pretraining-data curation on Spark (kiln curate ...).",
+        prog="kiln", description="Pretraining data for LLMs: curation on Spark (kiln curate), the mixture "
+                                  "optimizer (kiln mix) and staged training (kiln train).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
     curate = sub.add_parser("curate", help="curation stages on Spark",

@@ -250,6 +250,8 @@ class CVResult:
     mae: float  # mean absolute error of out-of-fold predictions
     folds: int  # folds used (n for leave-one-out)
     n: int  # runs
+    predicted: list = dataclasses.field(default_factory=list)  # out-of-fold prediction of each run, in run order
+    actual: list = dataclasses.field(default_factory=list)  # the runs' target, same order
 
 
 def cv_folds(n: int, minimum: int, k: int) -> int:
@@ -282,7 +284,7 @@ def cross_validate(runs: Runs, method: str, k: int = 5, seed: int = 0,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant predictions: ρ is undefined, reported as NaN
         rho = float(spearmanr(pred, y).statistic)
-    return CVResult(method, rho, float(np.mean(np.abs(pred - y))), folds, runs.n)
+    return CVResult(method, rho, float(np.mean(np.abs(pred - y))), folds, runs.n, pred.tolist(), y.tolist())
 
 
 def cv_table(results: dict[str, CVResult | str], chosen: str | None) -> str:

@@ -1,9 +1,9 @@
 """The mixing report: plots and tables that say what the fit believes and how sure it is.
 
 Three small PNGs (matplotlib, Agg) and report.md / report.html that link them:
-- predicted vs actual on the runs, with the bootstrap interval as error bars. The
-  fit keeps cross-validation scores, not the out-of-fold predictions themselves, so
-  the plot is in-sample and titled so; the CV table beside it is the honest accuracy.
+- predicted vs actual on the runs: the in-sample fit with the bootstrap interval as
+  error bars, and each run's cross-validated (out-of-fold) prediction, the honest
+  accuracy, which the fit keeps from its cross-validation.
 - predicted target against each domain's weight, partial-dependence style: the
   domain's weight goes from 0 to its cap while the other domains keep their natural
   proportions (scaled to fill the rest), with the bootstrap band; the natural and
@@ -59,7 +59,9 @@ def write_report(out_dir: str | os.PathLike, fit: Any, runs: pl.DataFrame | str 
     if runs is not None:
         W, y = _runs_matrix(runs, fit)
         pred = fit.predict(W, level=level)
-        written["predicted_vs_actual"] = _plot_pred_actual(out / "predicted_vs_actual.png", y, pred, level)
+        cv = (getattr(fit, "cv", None) or {}).get(getattr(fit, "method", ""))
+        written["predicted_vs_actual"] = _plot_pred_actual(out / "predicted_vs_actual.png", y, pred, level,
+                                                           cv if isinstance(cv, dict) else None)
         sections.append(("Predicted vs actual", [
             f"In-sample predictions on the {len(y)} runs with {level:.0%} bootstrap intervals "
             f"(MAE {np.mean(np.abs(pred.mean - y)):.4g}); see the cross-validation table for held-out accuracy.",
@@ -128,13 +130,22 @@ def _runs_matrix(runs, fit) -> tuple[np.ndarray, np.ndarray]:
     return W / W.sum(axis=1, keepdims=True), y
 
 
-def _plot_pred_actual(path: Path, y, pred, level) -> Path:
+def _plot_pred_actual(path: Path, y, pred, level, oof: dict | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=DPI)
     err = np.vstack([np.maximum(pred.mean - pred.lower, 0), np.maximum(pred.upper - pred.mean, 0)])
-    ax.errorbar(y, pred.mean, yerr=err, fmt="o", ms=3, lw=0.8, capsize=2, color="tab:blue")
+    ax.errorbar(y, pred.mean, yerr=err, fmt="o", ms=3, lw=0.8, capsize=2, color="tab:blue",
+                label=f"in-sample, {level:.0%} interval")
     lo, hi = float(min(y.min(), pred.lower.min())), float(max(y.max(), pred.upper.max()))
+    title = f"predicted vs actual (in-sample, {level:.0%} interval)"
+    if oof and oof.get("predicted"):
+        # The honest picture: each run predicted by a fit that never saw it.
+        ax.plot(oof["actual"], oof["predicted"], "x", ms=4, color="tab:red", label="cross-validated")
+        lo = min(lo, float(np.min(oof["predicted"])))
+        hi = max(hi, float(np.max(oof["predicted"])))
+        title = "predicted vs actual"
+        ax.legend(fontsize=7)
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set(xlabel="actual", ylabel="predicted", title=f"predicted vs actual (in-sample, {level:.0%} interval)")
+    ax.set(xlabel="actual", ylabel="predicted", title=title)
     ax.title.set_fontsize(9)
     fig.tight_layout()
     fig.savefig(path)

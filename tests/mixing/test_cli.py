@@ -29,6 +29,9 @@ def test_fit_predict_optimize_round_trip(tmp_path, capsys):
                  "--method", "law", "--bootstrap", "10", "--out", str(tmp_path / "fit.json")]) == 0
     fit = Fit.load(str(tmp_path / "fit.json"))
     assert (fit.method, fit.domains) == ("law", domains)
+    oof = fit.cv["law"]  # out-of-fold predictions are kept for the report's honest plot
+    assert oof["actual"] == pytest.approx(list(y)) and len(oof["predicted"]) == 24
+    assert np.mean(np.abs(np.array(oof["predicted"]) - np.array(oof["actual"]))) == pytest.approx(oof["mae"])
     pl.DataFrame({"mix.web": [1.0, 0.0], "mix.code": [0.0, 1.0], "mix.books": [0.0, 0.0]}).write_csv(tmp_path / "m.csv")
     assert main(["mix", "predict", str(tmp_path / "fit.json"), str(tmp_path / "m.csv"),
                  "--out", str(tmp_path / "pred.csv")]) == 0
