@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
 from kiln.config import ConfigError
-from kiln.mixing.design import design, load_availability, write_plan
+from kiln.mixing.design import design, write_plan
 from kiln.mixing.optimize import kl_divergence, optimize, write_mixture
 from kiln.mixing.report import sweep, write_report
 from kiln.mixing.studies import almr_fit, almr_grid, cmr_fit
@@ -163,7 +162,7 @@ def test_optimize_cap_cuts_optimum_kkt(avail_path):
 
 def test_kl_pull_moves_toward_natural_monotonically(avail_path):
     p = np.array([0.5, 0.1, 0.15, 0.25])
-    kls, prev = [], None
+    kls = []
     for k in [0.0, 0.01, 0.05, 0.2, 1.0, 5.0]:
         r = optimize(Bowl(C, A), avail_path, target_tokens=400_000, kl_weight=k)
         w = np.array(list(r.weights.values()))
