@@ -34,6 +34,7 @@ from pyspark.sql import functions as F
 from kiln.config import ConfigError
 from kiln.curation import schema
 from kiln.curation.langid import load_fasttext, worker_model
+from kiln.curation.spark import ship_file
 from kiln.curation.stage import Stage, apply_stage, in_languages, output_schema, set_columns, text_bytes
 
 QUALITY_POSITIVE, QUALITY_NEGATIVE = "hq", "lq"
@@ -217,22 +218,6 @@ class FastTextModel:
     def fingerprint(self) -> dict:
         st = os.stat(self.path)
         return {"model": os.path.basename(self.path), "model_bytes": st.st_size, "labels": self.labels}
-
-
-def ship_file(spark, path: str) -> str:
-    """Add `path` to SparkFiles under a name unique to its contents' identity: two models
-    that share a file name (a test's tmp dirs, two runs' model.bin) must not collide."""
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    base, ext = os.path.splitext(os.path.basename(path))
-    name = f"{base}-{key}{ext}"
-    staged = os.path.join(tempfile.gettempdir(), "kiln-shipped", name)
-    if not os.path.exists(staged):
-        os.makedirs(os.path.dirname(staged), exist_ok=True)
-        shutil.copyfile(path, staged + ".tmp")
-        os.replace(staged + ".tmp", staged)
-    spark.sparkContext.addFile(staged)
-    return name
 
 
 # ---------------------------------------------------------------------------

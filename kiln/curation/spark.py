@@ -49,3 +49,28 @@ def _local_cores(master: str) -> int:
     """Cores of a local master: local[4] -> 4; local[*] or a cluster URL -> this machine's."""
     inside = master[master.find("[") + 1:master.find("]")] if master.startswith("local[") else ""
     return int(inside) if inside.isdigit() else (1 if master == "local" else os.cpu_count() or 2)
+
+
+def ship_file(spark: SparkSession, path: str, key: str = "") -> str:
+    """Add `path` to SparkFiles under a name unique to its contents; returns the name
+    executors ask `SparkFiles.get` for. SparkFiles refuses a second file of the same
+    name from another path (a test's tmp dirs, two runs' model.bin) and never refetches
+    a same-path file whose contents changed. `key` is a content hash when the caller
+    has one; otherwise path, size and modification time stand for the contents."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    if not key:
+        st = os.stat(path)
+        key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    base, ext = os.path.splitext(os.path.basename(path))
+    name = f"{base}-{key}{ext}"
+    staged = os.path.join(tempfile.gettempdir(), "kiln-shipped", name)
+    if not os.path.exists(staged):
+        os.makedirs(os.path.dirname(staged), exist_ok=True)
+        tmp = f"{staged}.{os.getpid()}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, staged)
+    spark.sparkContext.addFile(staged)
+    return name

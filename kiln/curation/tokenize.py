@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import pyarrow as pa
 
 from kiln.config import ConfigError
 from kiln.curation import paths, schema
+from kiln.curation.spark import ship_file
 from kiln.curation.stage import Stage, one_thread_per_core, output_schema, set_columns, text_bytes
 from kiln.curation.stats import StageStats
 
@@ -370,16 +370,7 @@ class TokenizeStage(Stage):
             _log(f"[tokenize] input has no {self.cfg.domain_column!r} column: every document goes to "
                  f"domain {self.cfg.default_domain!r}")
         _clear_shards_dir(self.shards_dir)
-        # Shipped under a name holding the hash: SparkFiles refuses a second file of the
-        # same name from another path, and a same-path file with new content is not refetched.
-        shipped = Path(tempfile.gettempdir()) / "kiln-tokenizers" / f"tokenizer-{self.info.hash[:16]}.json"
-        if not shipped.exists():
-            shipped.parent.mkdir(parents=True, exist_ok=True)
-            tmp = shipped.with_suffix(f".{os.getpid()}.tmp")
-            shutil.copyfile(self.info.path, tmp)
-            os.replace(tmp, shipped)
-        spark.sparkContext.addFile(str(shipped))
-        self._shipped_name = shipped.name
+        self._shipped_name = ship_file(spark, self.info.path, key=self.info.hash[:16])
 
     def process_partition(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
