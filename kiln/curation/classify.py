@@ -351,7 +351,8 @@ class DomainStage(Stage):
             from kiln.curation.scorer import scorer_info
 
             self.model = None
-            labels = list(scorer_info(cfg.model_path)["labels"])
+            self.scorer_info = scorer_info(cfg.model_path)  # hashes every file once: kept for settings()
+            labels = list(self.scorer_info["labels"])
         stray = [lab for lab in labels if lab not in classified]
         if stray:
             raise ConfigError(f"{cfg.model_path}: not a domain model for {classified}: it predicts "
@@ -372,9 +373,7 @@ class DomainStage(Stage):
         if self.model:
             s["model"] = self.model.fingerprint()
         else:
-            from kiln.curation.scorer import scorer_info
-
-            s["model"] = scorer_info(self.cfg.model_path).get("fingerprint", os.path.basename(self.cfg.model_path))
+            s["model"] = self.scorer_info["fingerprint"]
         if self.topics:
             s["topics"] = self.topics.fingerprint()
         return s

@@ -192,6 +192,7 @@ def run(args) -> int:
         print(f"wrote {args.out}")
     elif cmd == "almr":
         from kiln.mixing.studies import almr_fit, almr_grid
+        from kiln.mixing.table import read_table
 
         if args.grid:
             if not args.out:
@@ -202,7 +203,7 @@ def run(args) -> int:
             return 0
         if not args.table:
             raise ConfigError("kiln mix almr: give a runs table (or --grid to plan one)")
-        result = almr_fit(_read(args.table), args.ratio_col, args.lr_col, args.target)
+        result = almr_fit(read_table(args.table), args.ratio_col, args.lr_col, args.target)
         print(f"ln lr*(r) = {result.a:.4f} + {result.b:.4f} r   (fit over {result.n_runs} runs, rmse {result.rmse:.4g})")
         print(f"best pair: ratio {result.best_ratio:.4f}, lr {result.best_lr:.3g}, predicted {args.target} "
               f"{result.best_loss:.4f}")
@@ -211,8 +212,9 @@ def run(args) -> int:
             result.curve.write_csv(args.out)
     elif cmd == "cmr":
         from kiln.mixing.studies import cmr_fit
+        from kiln.mixing.table import read_table
 
-        result = cmr_fit(_read(args.table), args.ratio_col, args.tokens_col, args.target, args.tolerance,
+        result = cmr_fit(read_table(args.table), args.ratio_col, args.tokens_col, args.target, args.tolerance,
                          args.relative)
         print(f"r_crit(D) = {result.A:.4g} x D^{result.exponent:.4f}   (R^2 {result.r2:.3f})")
         print(result.budgets)
@@ -231,11 +233,5 @@ def run(args) -> int:
         for name, path in files.items():
             print(f"wrote {path}")
     return 0
-
-
-def _read(path: str):
-    import polars as pl
-
-    return pl.read_parquet(path) if str(path).endswith(".parquet") else pl.read_csv(path)
 
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import polars as pl
 
 from kiln.config import ConfigError
+from kiln.mixing.design import WEIGHT_PREFIX
+from kiln.mixing.table import read_table
 from kiln.training.model import ModelConfig
 from kiln.training.parallelize import ParallelConfig
 from kiln.training.recipe import OptimizerConfig, Recipe, RunConfig, StageConfig
-
-WEIGHT_PREFIX = "w_"
 
 
 @dataclass
@@ -80,7 +80,7 @@ def run_plan(plan_path: str, cfg: ProxyConfig, log=None) -> pl.DataFrame:
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if not cfg.shards or not cfg.output:
         raise ConfigError("kiln mix run: --shards and --output are required")
-    plan = pl.read_csv(plan_path)
+    plan = read_table(plan_path)  # kiln mix design writes CSV or Parquet
     domains = plan_weights(plan, plan_path)
     rows = []
     params = None

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from kiln.mixing.design import WEIGHT_PREFIX, Availability, load_availability  # noqa: E402
+from kiln.mixing.table import read_table  # noqa: E402
 
 DPI = 80  # 5 x 3.5 in at 80 dpi: a 400 x 280 PNG, tens of kB
 SWEEP_POINTS = 41  # points per partial-dependence curve
@@ -113,8 +114,7 @@ def _runs_matrix(runs, fit) -> tuple[np.ndarray, np.ndarray]:
     """Weights (in the fit's domain order, renormalized) and the fitted target from a
     runs table: the fit's own weight columns if it recorded them, else columns named
     by domain or w_<domain>."""
-    df = runs if isinstance(runs, pl.DataFrame) else (
-        pl.read_parquet(runs) if str(runs).endswith(".parquet") else pl.read_csv(runs))
+    df = runs if isinstance(runs, pl.DataFrame) else read_table(runs)
     info = getattr(fit, "info", None) or {}
     recorded = info.get("weight_columns") or []
     if len(recorded) == len(fit.domains) and all(c in df.columns for c in recorded):

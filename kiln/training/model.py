@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.config import ConfigError
+from kiln.kernels import linear_cross_entropy
 
 
 @dataclass
@@ -162,8 +163,6 @@ class CausalLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        from kiln.kernels import linear_cross_entropy
-
         mask = document_mask(segment_ids) if segment_ids is not None else None
         hidden = self.hf.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state  # (B, T, C)
