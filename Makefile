@@ -41,8 +41,8 @@ $(LID_MODEL): | $(STAMP)
 
 # The sample WARC and, from the same generators with another seed, the labelled sets
 # the demo's classifiers learn from and the evaluation sets it decontaminates against.
-$(SAMPLE): kiln/curation/sample.py | $(STAMP)
-	$(PY) -m kiln.curation.sample --out $@ --labels $(LABELS)
+$(SAMPLE): $(wildcard kiln/demo/*.py) | $(STAMP)
+	$(PY) -m kiln.demo --out $@ --labels $(LABELS)
 
 $(MODELS)/quality.bin: $(SAMPLE)
 	$(KILN) curate train-quality --positives $(LABELS)/quality_pos.jsonl --negatives $(LABELS)/quality_neg.jsonl --output $@

@@ -105,7 +105,7 @@ def ensure_base_docs(workdir: Path) -> list[str]:
     warc, extracted = workdir / "sample.warc.gz", workdir / "extract"
     if not (extracted / "docs").exists():
         log("building the sample WARC and extracting it with kiln")
-        subprocess.run([sys.executable, "-m", "kiln.curation.sample", "--out", str(warc)], check=True)
+        subprocess.run([sys.executable, "-m", "kiln.demo", "--out", str(warc)], check=True)
         kiln_cli = Path(sys.executable).parent / "kiln"
         subprocess.run([str(kiln_cli), "curate", "extract", "--input", str(warc), "--output", str(extracted)],
                        check=True)

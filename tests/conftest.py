@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
-import io
 import os
 import sysconfig
 from pathlib import Path
 
 import pytest
+
+from kiln.demo.sources import gettext_catalogs
+from kiln.demo.warc import Record, http_response
+from kiln.demo.warc import write_warc as write_records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -38,6 +41,9 @@ def docstrings(module: str, min_chars: int = 200) -> list[str]:
 
 
 def page(title: str, paragraphs: list[str], charset: str = "utf-8") -> str:
+    """A bare page: paragraphs go in unescaped (tests plant raw HTML in them) and the chrome is
+    fixed, so tests can assert what extraction keeps; the demo's renderer escapes its text and
+    draws its chrome at random."""
     body = "\n".join(f"<p>{p}</p>" for p in paragraphs)
     return (
         f"<!DOCTYPE html><html><head><meta charset=\"{charset}\"><title>{title}</title></head><body>"
@@ -50,41 +56,27 @@ def page(title: str, paragraphs: list[str], charset: str = "utf-8") -> str:
 
 
 def write_warc(path: Path, records: list[dict], version: str = "1.1") -> Path:
-    """A gzip WARC/1.1; each record dict: url, body (bytes), and optional content_type,
-    status, date, rec_type ('response' default, or 'request'/'metadata')."""
-    from warcio.statusandheaders import StatusAndHeaders
-    from warcio.warcwriter import WARCWriter
-
-    with open(path, "wb") as f:
-        writer = WARCWriter(f, gzip=str(path).endswith(".gz"), warc_version=version)
-        for i, r in enumerate(records):
-            rec_type = r.get("rec_type", "response")
-            headers = None
-            if rec_type == "response":
-                headers = StatusAndHeaders(
-                    f"{r.get('status', 200)} OK",
-                    [("Content-Type", r.get("content_type", "text/html; charset=utf-8"))],
-                    protocol="HTTP/1.1",
-                )
-            record = writer.create_warc_record(
-                r["url"], rec_type, payload=io.BytesIO(r["body"]), http_headers=headers,
-                warc_headers_dict={"WARC-Date": r.get("date", f"2024-01-{i % 28 + 1:02d}T00:00:00Z"),
-                                   "WARC-Record-ID": f"<urn:uuid:00000000-0000-4000-8000-{i:012d}>"},
-            )
-            writer.write_record(record)
-    return path
+    """A WARC (gzip when the name ends in .gz) written by the demo's writer; each record dict:
+    url, body (bytes), and optional content_type, status, date, rec_type ('response' default,
+    or 'request'/'metadata')."""
+    out = []
+    for i, r in enumerate(records):
+        rec_type = r.get("rec_type", "response")
+        http = None
+        if rec_type == "response":
+            http = http_response(r.get("status", 200), "OK",
+                                 [("Content-Type", r.get("content_type", "text/html; charset=utf-8"))])
+        out.append(Record(rec_type, r["url"], r["body"],
+                          {"WARC-Date": r.get("date", f"2024-01-{i % 28 + 1:02d}T00:00:00Z"),
+                           "WARC-Record-ID": f"<urn:uuid:00000000-0000-4000-8000-{i:012d}>"}, http=http))
+    return write_records(path, out, version=version, gzip=str(path).endswith(".gz"))
 
 
 def locale_sentences(lang: str, min_chars: int = 60, limit: int = 40) -> list[str]:
-    """Translated messages from the machine's gettext catalogues: real text in `lang`."""
-    import gettext
-
+    """Translated messages from the machine's gettext catalogues (read as the demo reads
+    them): real text in `lang`."""
     out = []
-    for mo in sorted(Path(f"/usr/share/locale/{lang}/LC_MESSAGES").glob("*.mo")):
-        try:
-            catalog = gettext.GNUTranslations(open(mo, "rb"))._catalog
-        except Exception:  # noqa: BLE001 - a catalogue this parser cannot read
-            continue
+    for _domain, catalog in gettext_catalogs(lang):
         for key, value in sorted(catalog.items(), key=lambda kv: str(kv[0])):
             if key and isinstance(value, str) and len(value) >= min_chars and "%" not in value:
                 out.append(" ".join(value.split()))

@@ -6,7 +6,7 @@ import hashlib
 from collections import Counter
 
 from kiln.curation.readers import ReadConfig, read_warc
-from kiln.curation.sample import build_sample
+from kiln.demo import build_sample
 
 
 def test_sample_is_deterministic_and_readable(tmp_path):
