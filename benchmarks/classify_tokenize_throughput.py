@@ -33,7 +33,7 @@ through the Python workers; all of run_stage, Parquet written; and run_stage ove
 a handful of documents, which is what a job costs whatever its size.
 
 The three models are trained at the start from kiln's own labelled sample
-(`kiln.curation.sample.build_labels`, seconds each, offline); the corpora are
+(`kiln.demo.build_labels`, seconds each, offline); the corpora are
 those labelled texts cycled with distinct ids (`--docs` for tokenization,
 `--fasttext-docs` and `--scorer-docs`: sized so each measurement takes seconds,
 not fractions of one) and written as Parquet, one equal file per Spark core,
@@ -80,16 +80,17 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from common import (Monitor, NEIGHBOUR_WARNING, Rates, is_ours, log, machine, processes, versions,  # noqa: E402
                     wait_until_quiet, warm_up, write_results)
-from kiln.curation import schema  # noqa: E402
+from kiln.formats import schema  # noqa: E402
 from kiln.curation.classify import (QUALITY_NEGATIVE, QUALITY_POSITIVE, FastTextModel,  # noqa: E402
-                                    FastTextTrainConfig, QualityConfig, QualityStage, normalize, train_fasttext)
+                                    FastTextTrainConfig, QualityConfig, QualityStage, fasttext_line, train_fasttext)
 from kiln.curation.labelled import read_labelled  # noqa: E402
 from kiln.curation.langid import load_fasttext  # noqa: E402
-from kiln.curation.sample import build_labels  # noqa: E402
+from kiln.demo import build_labels  # noqa: E402
 from kiln.curation.scorer import Scorer, ScorerConfig, ScorerStage, ScorerTrainConfig, train_scorer  # noqa: E402
 from kiln.curation.spark import get_spark  # noqa: E402
 from kiln.curation.stage import DOCS_DIR, Stage, apply_stage, output_schema, run_stage, set_columns, text_bytes  # noqa: E402
-from kiln.curation.tokenize import TokenizeConfig, TokenizeStage, load_tokenizer, train_tokenizer  # noqa: E402
+from kiln.curation.token_shards import TokenizeConfig, TokenizeStage  # noqa: E402
+from kiln.curation.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.85  # kiln per-core rate >= 0.85 x the in-process per-core rate
@@ -282,9 +283,9 @@ def bench_fasttext_inprocess(model_path: str, texts: list[str]) -> tuple[Measure
     info = FastTextModel.open(model_path, "quality")  # the normalization training recorded
     lowercase, max_chars = info.lowercase, info.max_chars
     model = load_fasttext(model_path)
-    model.predict([normalize(t, lowercase, max_chars) for t in texts[:256]], k=-1)  # page the model in
+    model.predict([fasttext_line(t, lowercase, max_chars) for t in texts[:256]], k=-1)  # page the model in
     with measured() as timer:
-        labels, probs = model.predict([normalize(t, lowercase, max_chars) for t in texts], k=-1)
+        labels, probs = model.predict([fasttext_line(t, lowercase, max_chars) for t in texts], k=-1)
     positive = f"__label__{QUALITY_POSITIVE}"
     scores = [min(1.0, float(dict(zip(labs, ps)).get(positive, 0.0))) for labs, ps in zip(labels, probs)]
     kept = sum(s >= MIN_SCORE for s in scores)

@@ -54,9 +54,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from common import Monitor, NEIGHBOUR_WARNING, Rates, log, machine, versions, wait_until_quiet, warm_up, write_results  # noqa: E402
-from kiln.curation import schema  # noqa: E402
+from kiln.formats import schema  # noqa: E402
 from kiln.curation.extract import ExtractConfig, ExtractStage, decode_html, extract_main_content  # noqa: E402
-from kiln.curation.filters import FilterStage, filter_specs  # noqa: E402
+from kiln.curation.filters import FilterConfig, FilterStage  # noqa: E402
 from kiln.curation.langid import LangIdConfig, LangIdStage  # noqa: E402
 from kiln.curation.readers import ReadConfig, read_raw, read_warc  # noqa: E402
 from kiln.curation.spark import get_spark  # noqa: E402
@@ -101,7 +101,7 @@ class Measurement(Rates):
 
 def ensure_input(path: Path) -> Path:
     if not path.exists():
-        from kiln.curation.sample import build_sample
+        from kiln.demo import build_sample
 
         log(f"{path} is missing: building the sample WARC")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,7 @@ def bench_extract_plain(pages, repeat: int, extract_cfg: ExtractConfig) -> Measu
                        timer.other_cpu_s, {"undecodable": undecodable, "errors": errors})
 
 
-def bench_extract_plain_from_warc(in_dir: Path, extract_cfg: ExtractConfig) -> Measurement:
+def bench_extract_plain_from_warc(in_dir: Path, read_cfg: ReadConfig, extract_cfg: ExtractConfig) -> Measurement:
     """The same loop as a user would write it over the WARC files: warcio, then trafilatura.
 
     kiln's job reads and gunzips the WARCs; this loop does too, so the two do the same
@@ -175,7 +175,7 @@ def bench_extract_plain_from_warc(in_dir: Path, extract_cfg: ExtractConfig) -> M
                     if not str(record.http_headers.get_statuscode()).startswith("2"):
                         continue
                     html = record.content_stream().read()
-                    if not html.strip() or len(html) > extract_cfg.max_html_bytes:
+                    if not html.strip() or len(html) > read_cfg.max_html_bytes:
                         continue
                     charset = ctype.partition("charset=")[2].strip() or None
                     docs += 1
@@ -307,7 +307,7 @@ def bench_filter_kiln(spark, parquet_dir: Path, name: str, n_docs: int, cores: i
     """kiln's filter stage: read Parquet, the same four filters, count, write Parquet."""
     with Monitor() as timer:
         df = spark.read.parquet(str(parquet_dir))
-        result = run_stage(spark, FilterStage(filter_specs(DATATROVE_FILTERS)), df, str(out_dir), log=log)
+        result = run_stage(spark, FilterStage(FilterConfig.from_table(DATATROVE_FILTERS)), df, str(out_dir), log=log)
     result.unpersist()
     stats = result.stats
     if stats.docs_in != n_docs:
@@ -381,7 +381,7 @@ def render(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", default=str(ROOT / "data" / "sample.warc.gz"),
-                   help="WARC to extract (built with kiln.curation.sample when missing; default: %(default)s)")
+                   help="WARC to extract (built with kiln.demo when missing; default: %(default)s)")
     p.add_argument("--cores", type=int, default=2, help="Spark local[N] and datatrove tasks (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=6,
                    help="copies of the input WARC for extraction. With the ~920-page sample on 2 cores, 6 "
@@ -407,14 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     warc = ensure_input(Path(args.input))
     workdir = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     extract_cfg = ExtractConfig()
-    read_cfg = ReadConfig(max_html_bytes=extract_cfg.max_html_bytes)
+    read_cfg = ReadConfig()
     try:
         # (a) The plain loops first, before Spark's JVM exists, so nothing of ours shares their core.
         pages = load_pages(warc, read_cfg)
         in_dir = copy_warcs(warc, args.repeat, workdir)
         log(f"{len(pages)} HTML pages in {warc}; plain loops x{args.repeat}")
         wait_until_quiet(args.wait_quiet)
-        ext_base_warc = bench_extract_plain_from_warc(in_dir, extract_cfg)
+        ext_base_warc = bench_extract_plain_from_warc(in_dir, read_cfg, extract_cfg)
         log(f"plain loop reading the WARCs: {ext_base_warc.seconds:.1f}s")
         wait_until_quiet(args.wait_quiet)
         ext_base = bench_extract_plain(pages, args.repeat, extract_cfg)

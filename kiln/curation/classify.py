@@ -32,9 +32,9 @@ import pyarrow as pa
 from pyspark.sql import functions as F
 
 from kiln.config import ConfigError
-from kiln.curation import schema
-from kiln.curation.langid import load_fasttext, worker_model
-from kiln.curation.spark import ship_file
+from kiln.formats import schema
+from kiln.curation.langid import load_fasttext
+from kiln.curation.spark import load_once, ship
 from kiln.curation.stage import Stage, apply_stage, in_languages, output_schema, set_columns, text_bytes
 
 QUALITY_POSITIVE, QUALITY_NEGATIVE = "hq", "lq"
@@ -55,7 +55,7 @@ class FastTextTrainConfig:
     max_chars: int = 10_000  # characters of each document the model sees
 
 
-def normalize(text: str | None, lowercase: bool, max_chars: int) -> str:
+def fasttext_line(text: str | None, lowercase: bool, max_chars: int) -> str:
     # fastText reads one example per line: a newline would end the document early.
     text = " ".join((text or "")[:max_chars].split())
     return text.lower() if lowercase else text
@@ -133,7 +133,7 @@ def train_fasttext(texts: list[str], labels: list[str], out_path: str, cfg: Fast
         rng.shuffle(order)  # fastText learns in file order: classes must be interleaved
         with open(train_file, "w", encoding="utf-8") as f:
             for i in order:
-                f.write(f"__label__{labels[i]} {normalize(texts[i], cfg.lowercase, cfg.max_chars)}\n")
+                f.write(f"__label__{labels[i]} {fasttext_line(texts[i], cfg.lowercase, cfg.max_chars)}\n")
         tmp_model = os.path.join(tmp, "model.bin")
         _train_in_subprocess(train_file, tmp_model, cfg)
         model = load_fasttext(tmp_model)
@@ -168,7 +168,7 @@ def _train_in_subprocess(train_file: str, out_path: str, cfg: FastTextTrainConfi
 
 
 def predict_labels(model, texts: list[str], lowercase: bool, max_chars: int) -> tuple[list[str], list[float]]:
-    labels, probs = model.predict([normalize(t, lowercase, max_chars) for t in texts], k=1)
+    labels, probs = model.predict([fasttext_line(t, lowercase, max_chars) for t in texts], k=1)
     return ([lab[0].removeprefix("__label__") for lab in labels],
             [min(1.0, float(p[0])) for p in probs])
 
@@ -176,7 +176,7 @@ def predict_labels(model, texts: list[str], lowercase: bool, max_chars: int) -> 
 def positive_probability(model, texts: list[str], positive: str, lowercase: bool, max_chars: int) -> list[float]:
     """P(positive) per text. fastText's softmax sums to 1 over its labels, so every
     label is asked for (k=-1) and the positive one picked out."""
-    labels, probs = model.predict([normalize(t, lowercase, max_chars) for t in texts], k=-1)
+    labels, probs = model.predict([fasttext_line(t, lowercase, max_chars) for t in texts], k=-1)
     target = f"__label__{positive}"
     out = []
     for labs, ps in zip(labels, probs):
@@ -257,7 +257,7 @@ class QualityStage(Stage):
         return {**asdict(self.cfg), **self.model.fingerprint()}
 
     def prepare(self, spark, df) -> None:
-        self._shipped = ship_file(spark, self.model.path)
+        self._shipped = ship(spark, self.model.path)
 
     def output_fields(self) -> list[pa.Field]:
         return [pa.field(schema.QUALITY_SCORE, pa.float32())]
@@ -270,7 +270,7 @@ class QualityStage(Stage):
         scored = in_languages(batch, self.cfg.languages)
         present = [i for i in range(len(texts)) if not empty[i] and scored[i]]
         scores: list[float | None] = [None] * len(texts)
-        got = positive_probability(worker_model(self._shipped), [texts[i] for i in present],
+        got = positive_probability(load_once(self._shipped, load_fasttext), [texts[i] for i in present],
                                    self.cfg.positive_label, self.model.lowercase, self.model.max_chars)
         for i, s in zip(present, got):
             scores[i] = s
@@ -380,13 +380,11 @@ class DomainStage(Stage):
 
     def prepare(self, spark, df) -> None:
         if self.model:
-            self._shipped = ship_file(spark, self.model.path)
+            self._shipped = ship(spark, self.model.path)
         else:
-            from kiln.curation.scorer import ship_scorer
-
-            self._shipped = ship_scorer(spark, self.cfg.model_path)
+            self._shipped = ship(spark, self.cfg.model_path, key=self.scorer_info["fingerprint"][:12])
         if self.topics:
-            self._shipped_topics = ship_file(spark, self.topics.path)
+            self._shipped_topics = ship(spark, self.topics.path)
 
     def output_fields(self) -> list[pa.Field]:
         fields = [pa.field(schema.DOMAIN, pa.string()), pa.field(schema.DOMAIN_SCORE, pa.float32())]
@@ -398,7 +396,7 @@ class DomainStage(Stage):
         if not texts:
             return [], []
         if self.model:
-            return predict_labels(worker_model(self._shipped), texts, self.model.lowercase, self.model.max_chars)
+            return predict_labels(load_once(self._shipped, load_fasttext), texts, self.model.lowercase, self.model.max_chars)
         from kiln.curation.scorer import worker_scorer
 
         labels, probs = worker_scorer(self._shipped).classify(texts)
@@ -427,7 +425,7 @@ class DomainStage(Stage):
         topics: list[str | None] = [None] * n
         if self.topics:
             present = [i for i in range(n) if not empty[i]]
-            got_topics, _ = predict_labels(worker_model(self._shipped_topics), [texts[i] for i in present],
+            got_topics, _ = predict_labels(load_once(self._shipped_topics, load_fasttext), [texts[i] for i in present],
                                            self.topics.lowercase, self.topics.max_chars)
             for i, t in zip(present, got_topics):
                 topics[i] = t

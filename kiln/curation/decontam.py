@@ -27,10 +27,12 @@ import pyarrow as pa
 from pyspark.sql import functions as F
 
 from kiln.config import ConfigError
-from kiln.curation import paths, schema
+from kiln.curation import paths
+from kiln.formats import schema
+from kiln.formats.hashing import content_sha256
 from kiln.curation.labelled import jsonl_rows
 from kiln.curation.stage import Stage, output_schema, set_columns, text_bytes
-from kiln.curation.stats import StageStats
+from kiln.formats.stats import StageStats
 
 DROP_REASON = "eval_contamination"
 MODES = ("drop", "flag")
@@ -55,7 +57,7 @@ class EvalSet:
     short_items: int = 0  # items with no text of `ngram` words: nothing of them can be matched
 
 
-def normalize(text: str) -> list[str]:
+def ngram_words(text: str) -> list[str]:
     """Lowercased words; punctuation, whitespace and markup between them do not count."""
     return re.findall(r"\w+", text.lower())
 
@@ -133,6 +135,11 @@ def resolve_eval_sets(inputs: list[str]) -> list[EvalSet]:
 
 
 class DecontamStage(Stage):
+    """Drop or flag documents sharing n-grams with evaluation sets.
+
+    Documents sharing a 13-gram (of lower-cased words, punctuation ignored) with an item
+    of an evaluation set are dropped as eval_contamination, or flagged in
+    contaminated_by with mode = "flag". stats.json counts documents per evaluation set."""
     name = "decontam"
 
     def __init__(self, cfg: DecontamConfig | None = None):
@@ -158,7 +165,7 @@ class DecontamStage(Stage):
     def settings(self) -> dict:
         if self._digests is None:
             # The contents, not the paths: an edited benchmark file must invalidate a reused output.
-            self._digests = {s.name: _file_sha256(s.path) for s in self.sets}
+            self._digests = {s.name: content_sha256(s.path, paths.open_binary) for s in self.sets}
         return {**asdict(self.cfg), "eval_sets": self._digests}
 
     def build_index(self) -> dict[int, int]:
@@ -173,7 +180,7 @@ class DecontamStage(Stage):
             for _, record in jsonl_rows(s.path, orjson):
                 s.items += 1
                 has_field = has_field or not self.cfg.fields or any(f in record for f in self.cfg.fields)
-                found = [ngram_hashes(words, n) for words in map(normalize, item_texts(record, self.cfg.fields))]
+                found = [ngram_hashes(words, n) for words in map(ngram_words, item_texts(record, self.cfg.fields))]
                 if not any(found):
                     s.short_items += 1
                 for h in found:
@@ -209,7 +216,7 @@ class DecontamStage(Stage):
         table, n = self.table, self.cfg.ngram
         out = []
         for text in texts:
-            mask = matched_sets(normalize(text), table, n, self.cfg.min_matches, self.all_sets) if text else 0
+            mask = matched_sets(ngram_words(text), table, n, self.cfg.min_matches, self.all_sets) if text else 0
             out.append([s.name for i, s in enumerate(self.sets) if mask >> i & 1])
         return out
 
@@ -242,10 +249,3 @@ class DecontamStage(Stage):
             for s in self.sets
         }
 
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with paths.open_binary(path) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]

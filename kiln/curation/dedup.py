@@ -22,7 +22,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from kiln.curation import schema
+from kiln.curation.spark import spark_type
+from kiln.formats import schema
 from kiln.curation.stage import Stage, apply_stage
 
 URL_KEY, TEXT_HASH = "url_normalized", "text_hash"
@@ -85,6 +86,12 @@ def _date_key(newest_first: bool):
 
 
 class UrlDedupStage(Stage):
+    """URL dedup: the newest crawl of each normalized URL is kept.
+
+    Llama 3 URL dedup: URLs are normalized (case of scheme and host, default ports,
+    fragment, trailing slash, tracking parameters, query order) and the page with the
+    latest crawl_date is kept (ties: smallest id). Adds url_normalized; drops the others
+    as url_duplicate."""
     name = "dedup_url"
 
     def __init__(self, cfg: UrlDedupConfig | None = None):
@@ -106,6 +113,11 @@ class UrlDedupStage(Stage):
 
 
 class ExactDedupStage(Stage):
+    """Exact dedup on a hash of normalized text.
+
+    SHA-256 of the text with whitespace collapsed and case folded; the earliest crawl of
+    each text is kept (ties: smallest id). Adds text_hash; drops the others as
+    exact_duplicate."""
     name = "dedup_exact"
 
     def __init__(self, cfg: ExactDedupConfig | None = None):
@@ -198,7 +210,7 @@ class LineDedupStage(Stage):
                 yield pa.RecordBatch.from_arrays([pa.array(ids, pa.string()), pa.array(hashes, pa.int64())],
                                                  schema=pairs_schema)
 
-        pairs = (df.select(schema.ID, schema.TEXT).mapInArrow(doc_line_hashes, schema.spark_type(pairs_schema))
+        pairs = (df.select(schema.ID, schema.TEXT).mapInArrow(doc_line_hashes, spark_type(pairs_schema))
                  .withColumn("bucket", bucket))
         frequent = (pairs.groupBy("bucket", "hash").count()
                     .where(F.col("count") > self.cfg.max_count).select("bucket", "hash"))
@@ -370,7 +382,7 @@ class MinHashDedupStage(Stage):
         band_schema = pa.schema([(schema.ID, pa.string()), ("lang", pa.string()), ("band", pa.int32()),
                                  ("band_hash", pa.int64())])
         cols = [schema.ID, schema.TEXT] + ([schema.LANG] if schema.LANG in df.columns else [])
-        bands = df.select(*cols).mapInArrow(self.band_hashes, schema.spark_type(band_schema))
+        bands = df.select(*cols).mapInArrow(self.band_hashes, spark_type(band_schema))
         key = ["lang", "band", "band_hash"]
         roots = bands.groupBy(*key).agg(F.min(schema.ID).alias("root"))
         edges = (bands.join(roots, key).where(F.col(schema.ID) != F.col("root"))
@@ -407,7 +419,7 @@ class MinHashDedupStage(Stage):
                                                   pa.array([d["dst"][i] for i in keep], pa.string())],
                                                  schema=out_schema)
 
-        return pairs.mapInArrow(check, schema.spark_type(out_schema))
+        return pairs.mapInArrow(check, spark_type(out_schema))
 
     def internal_columns(self) -> list[str]:
         return [self.CLUSTER_SIZE]

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from kiln.curation import schema
+from kiln.formats import schema
 from kiln.curation.stage import Stage, columns, output_schema, set_columns
 
 META_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
@@ -26,7 +26,6 @@ MIN_DETECT_CONFIDENCE = 0.5
 @dataclass
 class ExtractConfig:
     timeout_s: float = 5.0  # per-page extraction time limit; slower pages are dropped as extract_timeout
-    max_html_bytes: int = 2_000_000  # larger pages are dropped as html_too_large (checked by the reader)
     favor_precision: bool = False  # trafilatura: prefer less text with less boilerplate
     favor_recall: bool = False  # trafilatura: prefer more text
     include_comments: bool = False  # trafilatura: keep user comment sections
@@ -36,7 +35,6 @@ class ExtractConfig:
     def trafilatura_kwargs(self) -> dict:
         d = asdict(self)
         d.pop("timeout_s")
-        d.pop("max_html_bytes")
         return d
 
 
@@ -88,7 +86,14 @@ def extract_main_content(html: str, url: str | None = None, **options) -> tuple[
 
 
 class ExtractStage(Stage):
+    """HTML (WARC / JSONL / Parquet) to main-content text with trafilatura.
+
+    Reads WARC (.warc, .warc.gz), JSONL (.jsonl[.gz|.zst]) or Parquet pages (the [read]
+    settings) and extracts the main content. Output columns: id, url, text, title,
+    crawl_date, source, charset."""
+
     name = "extract"
+    reads_raw = True  # the first stage of a pipeline over raw pages (the [read] settings)
 
     def __init__(self, cfg: ExtractConfig | None = None):
         self.cfg = cfg or ExtractConfig()

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from kiln.config import ConfigError
-from kiln.curation import schema
+from kiln.formats import schema
+from kiln.curation.spark import load_once, ship
 from kiln.curation.stage import Stage, output_schema, set_columns, text_bytes
 
 DEFAULT_MODEL = "lid.176.ftz"
@@ -51,20 +52,8 @@ def load_fasttext(path: str):
         raise ConfigError(f"{path}: cannot load as a fastText model: {e}") from e
 
 
-# One model per Python worker process, keyed by path.
-_MODELS: dict[str, object] = {}
-
-
-def worker_model(filename: str):
-    if filename not in _MODELS:
-        from pyspark import SparkFiles
-
-        local = filename if os.path.isabs(filename) and os.path.exists(filename) else SparkFiles.get(filename)
-        _MODELS[filename] = load_fasttext(local)
-    return _MODELS[filename]
-
-
 class LangIdStage(Stage):
+    """fastText lid.176 language ID (176 languages): adds lang, lang_score."""
     name = "langid"
 
     def __init__(self, cfg: LangIdConfig | None = None):
@@ -82,14 +71,13 @@ class LangIdStage(Stage):
         labels = load_fasttext(self.model_path).get_labels()
         if "__label__en" not in labels:
             raise ConfigError(f"{self.model_path}: not a language-ID model (its labels: {', '.join(labels[:5])})")
-        spark.sparkContext.addFile(self.model_path)
-        self._shipped_name = os.path.basename(self.model_path)
+        self._shipped_name = ship(spark, self.model_path)
 
     def output_fields(self) -> list[pa.Field]:
         return [pa.field(schema.LANG, pa.string()), pa.field(schema.LANG_SCORE, pa.float32())]
 
     def predict(self, texts: list[str]) -> tuple[list[str], list[float]]:
-        model = worker_model(self._shipped_name)
+        model = load_once(self._shipped_name, load_fasttext)
         # fastText reads one line per example: newlines would end the input early.
         lines = [" ".join((t or "")[: self.cfg.max_chars].split()) for t in texts]
         labels, scores = model.predict(lines, k=1)

@@ -17,7 +17,9 @@ from typing import Iterator
 import pyarrow as pa
 
 from kiln.config import ConfigError
-from kiln.curation import paths, schema
+from kiln.curation import paths
+from kiln.curation.spark import spark_type
+from kiln.formats import schema
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 BATCH_ROWS = 256
@@ -286,7 +288,7 @@ class RawSource:
         self.partitions = partitions
 
     def to_df(self):
-        df = self.files_df.mapInArrow(self.read_partition, schema.spark_type(schema.RAW))
+        df = self.files_df.mapInArrow(self.read_partition, spark_type(schema.RAW))
         return df.repartition(self.partitions) if self.partitions else df
 
     def map_in_arrow(self, fn, spark_schema):
@@ -352,7 +354,7 @@ def _read_parquet(spark, files: list[str], cfg: ReadConfig):
                 )
             yield from rows.flush()
 
-    return df.mapInArrow(normalize, schema.spark_type(schema.RAW))
+    return df.mapInArrow(normalize, spark_type(schema.RAW))
 
 
 def _input_file():

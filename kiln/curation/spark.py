@@ -51,26 +51,102 @@ def _local_cores(master: str) -> int:
     return int(inside) if inside.isdigit() else (1 if master == "local" else os.cpu_count() or 2)
 
 
-def ship_file(spark: SparkSession, path: str, key: str = "") -> str:
-    """Add `path` to SparkFiles under a name unique to its contents; returns the name
-    executors ask `SparkFiles.get` for. SparkFiles refuses a second file of the same
-    name from another path (a test's tmp dirs, two runs' model.bin) and never refetches
-    a same-path file whose contents changed. `key` is a content hash when the caller
-    has one; otherwise path, size and modification time stand for the contents."""
-    import hashlib
+_SHIPPED: dict[tuple, str] = {}  # (application, staged path, archive) -> the name executors ask for
+
+
+def ship(spark: SparkSession, path: str, key: str = "", archive: bool | None = None) -> str:
+    """Make a file or directory available to executors; returns the name to give
+    `load_once` there. The name carries `key` (a content hash; by default one is
+    computed) because SparkFiles refuses a second file of the same name from another
+    path and never refetches a re-added one whose contents changed.
+
+    A local master takes a directory itself (addFile, recursive); a cluster master
+    cannot (Spark rejects local directories there), so it gets a zip (addArchive),
+    which each executor unpacks once. `archive` forces either, for tests."""
     import shutil
     import tempfile
 
-    if not key:
-        st = os.stat(path)
-        key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    base, ext = os.path.splitext(os.path.basename(path))
-    name = f"{base}-{key}{ext}"
-    staged = os.path.join(tempfile.gettempdir(), "kiln-shipped", name)
+    from kiln.formats.hashing import content_sha256
+
+    path = os.path.abspath(path)
+    is_dir = os.path.isdir(path)
+    key = key or content_sha256(path)[:12]
+    base, ext = (os.path.basename(path), "") if is_dir else os.path.splitext(os.path.basename(path))
+    staged = os.path.join(tempfile.gettempdir(), "kiln-shipped", f"{base}-{key}{ext}")
+    sc = spark.sparkContext
+    if archive is None:
+        archive = is_dir and not sc.master.startswith("local")
+    cache_key = (sc.applicationId, staged, archive)
+    if cache_key in _SHIPPED:
+        return _SHIPPED[cache_key]
     if not os.path.exists(staged):
+        # Staged under its content key and renamed into place whole, so concurrent runs
+        # and later runs share one copy; hard links spare copying a multi-GB checkpoint.
         os.makedirs(os.path.dirname(staged), exist_ok=True)
         tmp = f"{staged}.{os.getpid()}.tmp"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, staged)
-    spark.sparkContext.addFile(staged)
+        if is_dir:
+            shutil.copytree(path, tmp, copy_function=_link_or_copy)
+        else:
+            shutil.copyfile(path, tmp)
+        try:
+            os.replace(tmp, staged)
+        except OSError:  # another process staged the same contents first
+            shutil.rmtree(tmp, ignore_errors=True)
+    if archive:
+        zipped = staged + ".zip"
+        if not os.path.exists(zipped):
+            os.replace(shutil.make_archive(f"{staged}.{os.getpid()}", "zip", staged), zipped)
+        sc.addArchive(zipped)
+        name = os.path.basename(zipped)
+    else:
+        sc.addFile(staged, recursive=is_dir)
+        name = os.path.basename(staged)
+    _SHIPPED[cache_key] = name
     return name
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# One loaded object per Python worker and (loader, shipped name, arguments).
+_LOADED: dict[tuple, object] = {}
+
+
+def load_once(name: str, loader, *args):
+    """`loader(local_path, *args)`, once per Python worker: heavy assets (a fastText
+    model, a tokenizer, a transformer) load on first use in a task and are reused by
+    every later task of the worker. `name` is what `ship` returned, or an absolute path
+    (a stage used in this process, before or without `prepare`); a path carries no
+    content key, so its modification time joins the cache key and a model rewritten in
+    place is loaded again."""
+    if os.path.isabs(name):
+        local = name
+        key = (loader, name, args, _mtime(name))
+    else:
+        from pyspark import SparkFiles
+
+        local = SparkFiles.get(name)
+        key = (loader, name, args)
+    if key not in _LOADED:
+        _LOADED[key] = loader(local, *args)
+    return _LOADED[key]
+
+
+def _mtime(path: str) -> int:
+    """Newest modification time of a file, or of a directory and the files directly in it."""
+    if not os.path.isdir(path):
+        return os.stat(path).st_mtime_ns
+    return max([os.stat(path).st_mtime_ns] + [e.stat().st_mtime_ns for e in os.scandir(path)])
+
+
+def spark_type(arrow_schema):
+    """The Spark StructType for an Arrow schema (what mapInArrow wants)."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(arrow_schema)

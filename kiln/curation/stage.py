@@ -23,14 +23,17 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from kiln.curation import paths, schema
-from kiln.curation.stats import StageStats, collect_stats
+from kiln.curation import paths
+from kiln.curation.spark import spark_type
+from kiln.formats import schema
+from kiln.formats.stats import StageStats
 
 DOCS_DIR, DROPPED_DIR, STATS_FILE = "docs", "dropped", "stats.json"
 
 
 class Stage:
     name: str = "stage"
+    reads_raw: bool = False  # reads raw pages (a reader's table) rather than a document table
 
     def prepare(self, spark: SparkSession, df: DataFrame) -> None:
         """Driver-side work before the stage runs (first passes, shipping files)."""
@@ -116,8 +119,8 @@ def apply_stage(stage: Stage, df) -> DataFrame:
 
     if isinstance(df, DataFrame):
         out_schema = output_schema(stage, to_arrow_schema(df.schema, timezone="UTC"))
-        return df.mapInArrow(stage.process_partition, schema.spark_type(out_schema))
-    return df.map_in_arrow(stage.process_partition, schema.spark_type(output_schema(stage, df.arrow_schema)))
+        return df.mapInArrow(stage.process_partition, spark_type(out_schema))
+    return df.map_in_arrow(stage.process_partition, spark_type(output_schema(stage, df.arrow_schema)))
 
 
 def columns(batch: pa.RecordBatch, names: list[str]) -> dict[str, list]:
@@ -274,6 +277,34 @@ def completed_stage(spark: SparkSession, out_dir: str, fingerprint: str) -> Stag
     if stats.extra.get("fingerprint") != fingerprint:
         return None
     return StageResult(kept=spark.read.parquet(paths.join(out_dir, DOCS_DIR)), stats=stats)
+
+
+def collect_stats(stage: str, result: DataFrame) -> StageStats:
+    """Count a stage's output by drop reason. The collect is one row per reason."""
+    rows = (
+        result.groupBy(schema.DROP_REASON)
+        .agg(
+            F.count(F.lit(1)).alias("n"),
+            F.coalesce(F.sum(schema.IN_BYTES), F.lit(0)).alias("bytes_in"),
+            F.coalesce(F.sum(F.octet_length(schema.TEXT)), F.lit(0)).alias("bytes_out"),
+            F.coalesce(F.sum(F.length(schema.TEXT)), F.lit(0)).alias("chars_out"),
+        )
+        .collect()
+    )
+    stats = StageStats(stage=stage)
+    for r in rows:
+        stats.docs_in += r["n"]
+        stats.bytes_in += r["bytes_in"]
+        reason = r[schema.DROP_REASON]
+        if reason is None:
+            stats.kept = r["n"]
+            stats.bytes_kept = r["bytes_out"]
+            stats.chars_kept = r["chars_out"]
+        else:
+            stats.dropped[reason] = r["n"]
+    stats.dropped = dict(sorted(stats.dropped.items(), key=lambda kv: (-kv[1], kv[0])))
+    stats.check()
+    return stats
 
 
 def _log(msg: str) -> None:

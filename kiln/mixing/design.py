@@ -24,82 +24,23 @@ slack for cross-validation).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from kiln.config import ConfigError
+from kiln.formats.runs import WEIGHT_PREFIX
+from kiln.formats.shards import Availability, load_availability
 
-AVAILABILITY_FORMAT = "kiln-availability-v1"
 # RegMix's range for the Dirichlet concentration: 0.1 gives near-one-hot mixtures,
 # 100 gives mixtures within a few percent of the natural one.
 ALPHA_RANGE = (0.1, 100.0)
 # Draws per run before falling back to projection; at 200 a cap that admits 1 % of
 # the Dirichlet mass is still met by redraw with probability 0.87.
 REDRAW_TRIES = 200
-WEIGHT_PREFIX = "w_"
-
-
-@dataclass
-class Availability:
-    tokens: dict[str, int]  # domain -> tokens available, in the file's order
-    path: str = ""  # the file it was read from, for error messages; "" if built
-
-    @property
-    def domains(self) -> list[str]:
-        return list(self.tokens)
-
-    @property
-    def total(self) -> int:
-        return sum(self.tokens.values())
-
-    def natural(self, domains: list[str] | None = None) -> np.ndarray:
-        """p_d = tokens_d / total, in `domains` order (default: the file's)."""
-        counts = np.array([self.tokens[d] for d in (domains or self.domains)], dtype=np.float64)
-        return counts / counts.sum()
-
-    def describe(self) -> str:
-        return self.path or "availability"
-
-
-def load_availability(source: str | os.PathLike | dict | Availability) -> Availability:
-    """Read availability.json (or accept an already-parsed dict / Availability)."""
-    if isinstance(source, Availability):
-        return source
-    path = ""
-    if isinstance(source, dict):
-        data = source
-    else:
-        path = str(source)
-        if not Path(path).exists():
-            raise ConfigError(f"{path}: availability file does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from e
-    where = path or "availability"
-    if not isinstance(data, dict) or data.get("format") != AVAILABILITY_FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ConfigError(f"{where}: format is {got!r}, expected {AVAILABILITY_FORMAT!r} "
-                          "(written by `kiln curate tokenize`)")
-    domains = data.get("domains")
-    if not isinstance(domains, dict) or not domains:
-        raise ConfigError(f"{where}: no domains listed")
-    tokens: dict[str, int] = {}
-    for name, entry in domains.items():
-        n = entry.get("tokens") if isinstance(entry, dict) else None
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConfigError(f"{where}: domain {name!r} has tokens = {n!r}, not a count")
-        tokens[str(name)] = n
-    if sum(tokens.values()) == 0:
-        raise ConfigError(f"{where}: every domain has 0 tokens")
-    return Availability(tokens=tokens, path=path)
 
 
 def weight_caps(avail: Availability, domains: list[str], target_tokens: int,

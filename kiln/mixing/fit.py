@@ -42,7 +42,8 @@ from scipy.stats import spearmanr
 from threadpoolctl import threadpool_limits
 
 from kiln.config import ConfigError
-from kiln.mixing.table import (SUM_TOLERANCE, Runs, glob_affixes, match_weight_columns, numeric_column,
+from kiln.formats.runs import SUM_TOLERANCE
+from kiln.mixing.table import (Runs, glob_affixes, match_weight_columns, numeric_column,
                                read_table, say)
 
 FORMAT = "kiln-fit-v1"

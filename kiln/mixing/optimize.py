@@ -36,8 +36,9 @@ import numpy as np
 from scipy.optimize import minimize
 
 from kiln.config import ConfigError
-from kiln.mixing.design import ALPHA_RANGE, Availability, check_caps, load_availability, project_box_simplex
-from kiln.training.mixture import Mixture, save_mixture
+from kiln.formats.mixture import Mixture, save_mixture
+from kiln.formats.shards import Availability, load_availability
+from kiln.mixing.design import ALPHA_RANGE, check_caps, project_box_simplex
 
 CANDIDATES = 4096  # candidate mixtures scored before polishing; one predict call
 STARTS = 8  # SLSQP starts, the best distinct candidates

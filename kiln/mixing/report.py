@@ -25,7 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from kiln.mixing.design import WEIGHT_PREFIX, Availability, load_availability  # noqa: E402
+from kiln.formats.runs import WEIGHT_PREFIX  # noqa: E402
+from kiln.formats.shards import Availability, load_availability  # noqa: E402
 from kiln.mixing.table import read_table  # noqa: E402
 
 DPI = 80  # 5 x 3.5 in at 80 dpi: a 400 x 280 PNG, tens of kB

@@ -27,9 +27,8 @@ import numpy as np
 import polars as pl
 
 from kiln.config import ConfigError
+from kiln.formats.runs import SUM_TOLERANCE
 
-# Same tolerance as the mixture file: weights written by an optimizer and rounded.
-SUM_TOLERANCE = 1e-6
 _WILDCARDS = "*?["
 # Spellings of a missing value in hand-made CSVs; all become null.
 _NULLS = ["", "NA", "N/A", "nan", "NaN", "NAN", "null", "None"]

@@ -2,7 +2,7 @@
 training sequences out.
 
 `TokenSource` opens a contract-3 shards directory (`<domain>/part-NNNNN.bin` + `.json`
-index, written by kiln.curation.tokenize), checks that every shard comes from one
+index, kiln.formats.shards), checks that every shard comes from one
 tokenizer, and splits each domain's documents into training and held-out validation
 documents by a hash of the document id.
 
@@ -57,8 +57,8 @@ import numpy as np
 import torch
 
 from kiln.config import ConfigError
-from kiln.curation.tokenize import domain_dirname, load_shard, shard_indexes
-from kiln.training.mixture import Mixture, load_mixture
+from kiln.formats.mixture import Mixture, load_mixture
+from kiln.formats.shards import domain_dirname, load_shard, shard_indexes
 
 SAMPLER_FORMAT = "kiln-sampler-v1"
 # A domain's held-out share is capped at half its documents: a minimum that would take

@@ -19,7 +19,7 @@ from tests.conftest import docstrings, locale_sentences
 
 @pytest.fixture(scope="module")
 def labels(tmp_path_factory):
-    from kiln.curation.sample import build_labels
+    from kiln.demo import build_labels
 
     out = tmp_path_factory.mktemp("labels")
     build_labels(out, seed=1)
@@ -54,12 +54,14 @@ def frame(spark, ids, texts, langs=None):
 
 def docs():
     """Documents the classifiers never saw: other generators' seed, plus plain docstrings."""
-    from kiln.curation.sample import _plain_text, _rng, _stdlib_modules, code_pages, spam_pages
+    from kiln.demo.labels import plain_text
+    from kiln.demo.pages import code_pages, rng_for, spam_pages
+    from kiln.demo.sources import stdlib_modules
 
-    mods = _stdlib_modules()
-    good = [_plain_text(p) for p in code_pages(mods, _rng(7, "code"))[:10]]
+    mods = stdlib_modules()
+    good = [plain_text(p) for p in code_pages(mods, rng_for(7, "code"))[:10]]
     good += docstrings("argparse")[:10]
-    bad = [_plain_text(p) for p in spam_pages(_rng(7, "spam"))[:10]]
+    bad = [plain_text(p) for p in spam_pages(rng_for(7, "spam"))[:10]]
     texts = good + bad
     return [f"d{i}" for i in range(len(texts))], texts
 
@@ -216,7 +218,7 @@ def test_cli_trains_and_applies(spark, labels, tmp_path):
 
 def test_transformer_backend_for_domains(spark, labels, tmp_path):
     from kiln.curation.scorer import Scorer, ScorerTrainConfig, train_scorer
-    from kiln.curation.tokenize import train_tokenizer
+    from kiln.curation.tokenizer import train_tokenizer
 
     data = read_labelled([str(labels / "domain.jsonl")])
     train_tokenizer(data.texts, str(tmp_path / "tok"), vocab_size=512)

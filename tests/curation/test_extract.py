@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from kiln.config import ConfigError
-from kiln.curation import schema
+from kiln.formats import schema
 from kiln.curation.extract import ExtractConfig, ExtractStage, decode_html, extract_main_content
 from kiln.curation.pipeline import parse_recipe, run
 from kiln.curation.readers import ReadConfig, read_raw, read_warc
@@ -86,7 +86,7 @@ def test_bad_warc_records_are_counted(spark, tmp_path):
         {"url": "http://x.test/script", "body": b"<html><body><div> </div><script>var x = 1;</script></body></html>"},
     ]
     warc = write_warc(tmp_path / "bad.warc.gz", records)
-    stats, docs = extract(spark, [warc], tmp_path, extract_cfg={"max_html_bytes": 1_000_000})
+    stats, docs = extract(spark, [warc], tmp_path, read={"max_html_bytes": 1_000_000})
     assert stats.dropped == {"not_html": 1, "empty_page": 1, "html_too_large": 1, "http_not_ok": 1,
                              "undecodable": 1, "extract_empty": 1}
     assert stats.kept == 6 and stats.docs_in == len(records)
@@ -133,8 +133,8 @@ def test_extraction_timeout_is_counted(spark, tmp_path):
     # pages after it must still be extracted by a fresh sandbox child.
     slow = {"url": "http://slow.test/", "body": page("Slow", [f"word {i} " * 12 for i in range(40_000)]).encode()}
     warc = write_warc(tmp_path / "x.warc.gz", [slow] + html_records(3))
-    stats, docs = extract(spark, [warc], tmp_path, read={"partitions": 1},
-                          extract_cfg={"timeout_s": 0.5, "max_html_bytes": 8_000_000})
+    stats, docs = extract(spark, [warc], tmp_path, read={"partitions": 1, "max_html_bytes": 8_000_000},
+                          extract_cfg={"timeout_s": 0.5})
     assert stats.dropped == {"extract_timeout": 1} and stats.kept == 3
 
 

@@ -10,7 +10,7 @@ from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, G
                                         GopherRepetitionFilter)
 
 from kiln.config import ConfigError
-from kiln.curation.filters import FilterStage, filter_specs
+from kiln.curation.filters import FilterConfig, FilterStage, filter_specs
 from kiln.curation.filters.llama3 import (DirtyWordsFilter, DuplicatedNgramLineFilter, TokenKLFilter,
                                           load_word_list, reference_from_counts, tokens)
 from tests.conftest import docstrings
@@ -25,7 +25,7 @@ def only(*keys: str, **overrides) -> FilterStage:
               "fineweb_quality", "token_kl"]}
     for k in keys:
         table[k] = {"languages": [], **overrides.get(k, {})}
-    return FilterStage(filter_specs(table))
+    return FilterStage(FilterConfig.from_table(table))
 
 
 def reason(stage: FilterStage, text: str, lang: str = "en") -> str | None:

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from kiln.cli import main
-from kiln.curation.stats import StageStats
+from kiln.formats.stats import StageStats
 from tests.conftest import docstrings, locale_sentences, page, read_dropped, write_warc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,7 +129,8 @@ def test_pipeline_from_warc_to_token_shards(spark, warc, tmp_path, capsys):
     import shutil
 
     from kiln.curation.classify import FastTextTrainConfig, train_fasttext
-    from kiln.curation.tokenize import iter_documents, load_tokenizer, shard_indexes, train_tokenizer
+    from kiln.curation.tokenizer import load_tokenizer, train_tokenizer
+    from kiln.formats.shards import iter_documents, shard_indexes
 
     prose = docstrings("argparse") + docstrings("textwrap") + docstrings("difflib")
     code = [" ".join(Path(f"{os.path.dirname(os.__file__)}/{m}.py").read_text().splitlines()[i:i + 12])

@@ -14,8 +14,9 @@ import pytest
 from kiln.config import ConfigError
 from kiln.curation.scorer import (
     Scorer, ScorerConfig, ScorerStage, ScorerTrainConfig, regression_metrics, resolve_positive_label,
-    scorer_info, ship_directory, split_rows, train_scorer, train_scorer_from_files,
+    scorer_info, split_rows, train_scorer, train_scorer_from_files,
 )
+from kiln.curation.spark import ship
 from kiln.curation.stage import run_stage
 from tests.conftest import STDLIB, docstrings, read_dropped
 
@@ -254,7 +255,7 @@ def test_regression_scores_through_spark_without_drops(spark, regressor):
 def test_archive_shipping_unpacks_the_directory(spark, classifier):
     """The cluster path (addArchive of a zip), forced on the local master."""
     model_dir, _ = classifier
-    name = ship_directory(spark, model_dir, "prose-vs-code-archived", archive=True)
+    name = ship(spark, model_dir, key="archived", archive=True)
 
     def listing(_):
         from pyspark import SparkFiles
@@ -262,7 +263,7 @@ def test_archive_shipping_unpacks_the_directory(spark, classifier):
         yield sorted(os.listdir(SparkFiles.get(name)))
 
     listings = spark.sparkContext.parallelize(range(2), 2).mapPartitions(listing).collect()
-    assert name == "prose-vs-code-archived.zip"
+    assert name == f"{os.path.basename(model_dir)}-archived.zip"
     assert listings == [sorted(os.listdir(model_dir))] * 2
 
 

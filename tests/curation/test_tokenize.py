@@ -13,9 +13,9 @@ import pytest
 
 from kiln.config import ConfigError
 from kiln.curation.stage import run_stage
-from kiln.curation.tokenize import (SPECIAL_TOKENS, ShardError, TokenizeConfig, TokenizeStage, iter_documents,
-                                    iter_texts, load_shard, load_tokenizer, read_index, shard_indexes,
-                                    train_tokenizer)
+from kiln.curation.token_shards import TokenizeConfig, TokenizeStage
+from kiln.curation.tokenizer import SPECIAL_TOKENS, iter_texts, load_tokenizer, train_tokenizer
+from kiln.formats.shards import ShardError, iter_documents, load_shard, read_index, shard_indexes
 from tests.conftest import docstrings
 
 UNSEEN = "naïve café, 東京タワー 🙂 — tab\there \x00 \x7f end"  # bytes the training sample never showed

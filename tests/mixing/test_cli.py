@@ -11,7 +11,7 @@ import pytest
 from kiln.cli import main
 from kiln.mixing.fit import Fit
 from kiln.mixing.optimize import optimize
-from kiln.training.mixture import load_mixture
+from kiln.formats.mixture import load_mixture
 
 
 def test_fit_predict_optimize_round_trip(tmp_path, capsys):

@@ -20,7 +20,7 @@ from kiln.mixing.design import design, write_plan
 from kiln.mixing.optimize import kl_divergence, optimize, write_mixture
 from kiln.mixing.report import sweep, write_report
 from kiln.mixing.studies import almr_fit, almr_grid, cmr_fit
-from kiln.training.mixture import load_mixture
+from kiln.formats.mixture import load_mixture
 
 DOMAINS = ["general", "math", "code", "multilingual"]
 TOKENS = {"general": 500_000, "math": 100_000, "code": 150_000, "multilingual": 250_000}  # total 1e6

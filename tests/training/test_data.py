@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from kiln.config import ConfigError
-from kiln.curation.tokenize import SHARD_FORMAT, _ShardWriter
+from kiln.formats.shards import SHARD_FORMAT, ShardWriter
 from kiln.training.data import Batch, DataConfig, MixtureSampler, TokenSource, open_data
-from kiln.training.mixture import Mixture, load_mixture, save_mixture
+from kiln.formats.mixture import Mixture, load_mixture, save_mixture
 
 EOS = 0
 VOCAB = 8192
@@ -62,7 +62,7 @@ def write_shards(root: Path, docs: dict[str, dict[str, list[int]]], parts: int =
             chunk = items[part::parts]
             if not chunk:
                 continue
-            writer = _ShardWriter(str(root), domain, part, 0, header)
+            writer = ShardWriter(str(root), domain, part, 0, header)
             flat = [t for _, tokens in chunk for t in tokens + [EOS]]
             writer.add([i for i, _ in chunk], [len(t) + 1 for _, t in chunk], np.array(flat, dtype=dtype))
             writer.commit()

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from kiln.config import ConfigError
-from kiln.curation import schema
+from kiln.curation.spark import spark_type
+from kiln.formats import schema
 from kiln.curation.filters.llama3 import (DirtyWordsFilter, DuplicatedNgramLineFilter, TokenKLFilter,
                                           reference_from_counts, tokens)
 from kiln.curation.stage import Stage, columns, output_schema, set_columns, text_bytes
@@ -89,11 +90,46 @@ def filter_specs(table: dict | None = None) -> list[FilterSpec]:
     return specs
 
 
+@dataclass
+class FilterConfig:
+    disable: list[str] = field(default_factory=list)  # filters to switch off, e.g. token_kl (same as enabled = false in its table)
+    filters: dict = field(default_factory=dict)  # the [filter.NAME] tables: enabled, languages and the filter's own arguments
+
+    @classmethod
+    def from_table(cls, table: dict, where: str = "filter") -> "FilterConfig":
+        """The [filter] section: `disable = [...]` beside one table per filter."""
+        table = dict(table or {})
+        disable = table.pop("disable", [])
+        if not isinstance(disable, list) or not all(isinstance(name, str) for name in disable):
+            raise ConfigError(f"{where}.disable: expected a list of filter names, got {disable!r}")
+        cfg = cls(disable=disable, filters=table)
+        try:
+            cfg.specs()
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+        return cfg
+
+    def specs(self) -> list[FilterSpec]:
+        unknown = [name for name in self.disable if name not in FILTERS]
+        if unknown:
+            raise ConfigError(f"disable: unknown filter {unknown[0]!r} (known: {', '.join(FILTER_ORDER)})")
+        tables = dict(self.filters)
+        for name in self.disable:
+            table = tables.get(name) or {}
+            tables[name] = {**(table if isinstance(table, dict) else {}), "enabled": False}
+        return filter_specs(tables)
+
+
 class FilterStage(Stage):
+    """Gopher / C4 / FineWeb (datatrove) and Llama 3 heuristic filters.
+
+    Filters run in the order of FILTER_ORDER; tune each in a recipe's [filter.NAME]
+    table, or with --set filter.NAME.KEY=VALUE."""
+
     name = "filter"
 
-    def __init__(self, specs: list[FilterSpec] | None = None):
-        self.specs = [s for s in (specs if specs is not None else filter_specs()) if s.enabled]
+    def __init__(self, cfg: FilterConfig | None = None):
+        self.specs = [s for s in (cfg or FilterConfig()).specs() if s.enabled]
         self._chain = None
         self.kl_reference = None  # Spark broadcast of TokenKLFilter's reference
 
@@ -190,7 +226,7 @@ def token_reference(df, f: TokenKLFilter, languages: list[str]) -> dict:
                 [pa.array([k[0] for k, _ in chunk]), pa.array([k[1] for k, _ in chunk]),
                  pa.array([v for _, v in chunk], pa.int64())], schema=out)
 
-    summed = (df.select(*cols).mapInArrow(count, schema.spark_type(out))
+    summed = (df.select(*cols).mapInArrow(count, spark_type(out))
               .groupBy("lang", "token").agg(F.sum("n").alias("n")).persist())
     totals = {r["lang"]: r["n"] for r in summed.groupBy("lang").agg(F.sum("n").alias("n")).collect()}
     rank = F.row_number().over(Window.partitionBy("lang").orderBy(F.desc("n"), F.asc("token")))

@@ -1,4 +1,4 @@
-"""The document table (DESIGN.md contract 1) in one place.
+"""The document table (DESIGN.md contract 1) in one place: column names and Arrow schemas.
 
 Every stage reads and writes Parquet with these required columns; each stage adds
 its own columns and never rewrites another stage's (the filter stage's line-level
@@ -52,10 +52,3 @@ RAW = pa.schema(
 def missing_columns(names: list[str], required: list[str] | None = None) -> list[str]:
     required = required or DOCUMENT.names
     return [c for c in required if c not in names]
-
-
-def spark_type(arrow_schema: pa.Schema):
-    """The Spark StructType for an Arrow schema (what mapInArrow wants)."""
-    from pyspark.sql.pandas.types import from_arrow_schema
-
-    return from_arrow_schema(arrow_schema)

@@ -1,42 +1,24 @@
-"""A small transformer that scores documents: the DistilRoBERTa role in Llama 3.
-
-Llama 3 had Llama 2 label documents for quality, trained a DistilRoBERTa-sized
-classifier on those labels and ran it over the whole corpus. This module is both
-halves. `train_scorer` fine-tunes a local checkpoint, or trains a tiny model from
-scratch with one of kiln's tokenizers, in a plain torch loop; it writes a
-transformers checkpoint plus `kiln_scorer.json` (task, classes, validation
-metrics). `Scorer` loads such a directory and scores texts in batches;
-`ScorerStage` runs it inside Spark, one model per Python worker.
-
-Two tasks: "regression" (float labels, e.g. a 0-5 quality grade; the score is the
-model's output) and "classification" (string labels, softmax; the score is the
-probability of `positive_label`, or the top class's probability for more than two
-classes without one, which is what a domain classifier reports).
+"""The transformer scorer's model: training (`train_scorer`, a plain torch loop) and
+inference (`Scorer`), with no Spark. A scorer directory is a transformers checkpoint
+plus `kiln_scorer.json` (task, classes, validation metrics); `kiln.curation.scorer.stage`
+runs it over a corpus.
 """
 
 from __future__ import annotations
 
-import atexit
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-from pyspark.sql import functions as F
 
 from kiln.config import ConfigError
-from kiln.curation import schema
-from kiln.curation.stage import (Stage, in_languages, one_thread_per_core, output_schema, set_columns, task_cpus,
-                                 text_bytes)
+from kiln.formats.hashing import content_sha256
 
 META_FILE = "kiln_scorer.json"
 TASKS = ("regression", "classification")
@@ -65,17 +47,6 @@ class ScorerTrainConfig:
     seed: int = 0  # initialisation, split and shuffling
     positive_label: str = ""  # classification: the class whose probability is the score; empty = see resolve_positive_label
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
-
-
-@dataclass
-class ScorerConfig:
-    model_dir: str = ""  # a directory written by train_scorer
-    column: str = schema.MODEL_SCORE  # float32 output column; null for empty documents
-    min_score: float | None = None  # when set, documents scoring lower are dropped as model_score_low
-    batch_size: int = 32  # documents per forward pass
-    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", ...
-    max_chars: int = 20_000  # characters given to the tokenizer; more cannot fit max_length tokens anyway
-    languages: list[str] = field(default_factory=lambda: ["en"])  # lang values scored; others pass unscored ([] = all)
 
 
 def _log(msg: str) -> None:
@@ -112,7 +83,7 @@ def resolve_positive_label(classes: list[str], configured: str = "") -> str:
 # Tokenizer and checkpoint loading
 
 
-def load_tokenizer(path: str):
+def load_scorer_tokenizer(path: str):
     """A fast tokenizer from a tokenizer.json or a directory, with a padding token."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -168,19 +139,6 @@ def read_meta(model_dir: str) -> dict:
     return meta
 
 
-def directory_digest(model_dir: str) -> str:
-    """sha256 of every file's relative path and bytes: the weights, the tokenizer and the
-    classes. A retrained model gets a new digest even when it is written to the same path."""
-    h = hashlib.sha256()
-    root = Path(model_dir)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------
 # Inference
 
@@ -214,7 +172,7 @@ class Scorer:
         except Exception as e:  # noqa: BLE001 - missing or truncated weights
             raise ConfigError(f"{model_dir}: cannot load the model weights: {e}") from e
         dev = resolve_device(device)
-        return cls(model.to(dev), load_tokenizer(model_dir), meta, dev, batch_size, max_chars, where=model_dir)
+        return cls(model.to(dev), load_scorer_tokenizer(model_dir), meta, dev, batch_size, max_chars, where=model_dir)
 
     def logits(self, texts: list[str | None]) -> np.ndarray:
         """(N, outputs) float32; NaN rows for texts that are empty or blank."""
@@ -387,7 +345,7 @@ def _build_model(cfg: ScorerTrainConfig, classes: list[str]):
         head["label2id"] = {c: i for i, c in enumerate(classes)}
     if cfg.model_dir:
         _checkpoint_config(cfg.model_dir)
-        tok = load_tokenizer(cfg.tokenizer or cfg.model_dir)
+        tok = load_scorer_tokenizer(cfg.tokenizer or cfg.model_dir)
         if cfg.max_length > tok.model_max_length:  # past the checkpoint's position table
             raise ConfigError(f"{cfg.model_dir}: max_length {cfg.max_length} exceeds the model's "
                               f"{tok.model_max_length} tokens")
@@ -404,7 +362,7 @@ def _build_model(cfg: ScorerTrainConfig, classes: list[str]):
     if not cfg.tokenizer:
         raise ConfigError("a new scorer model needs a tokenizer: set tokenizer to a tokenizer.json or a "
                           "tokenizer directory (kiln train-tokenizer writes one), or fine-tune a model_dir")
-    tok = load_tokenizer(cfg.tokenizer)
+    tok = load_scorer_tokenizer(cfg.tokenizer)
     try:
         config = AutoConfig.for_model(
             cfg.model_type, vocab_size=len(tok), hidden_size=cfg.hidden_size,
@@ -508,131 +466,7 @@ def train_scorer_from_files(inputs: list[str], text_column: str, label_column: s
     return train_scorer(data.texts, data.labels, cfg, out_dir, log=log)
 
 
-# ---------------------------------------------------------------------------------------
-# Spark stage
-
 def scorer_info(model_dir: str) -> dict:
     """kiln_scorer.json of a scorer directory (task, labels, positive_label, metrics, ...)
     plus `fingerprint`, a digest of all its files, for a stage's settings."""
-    return {**read_meta(model_dir), "fingerprint": directory_digest(model_dir)[:16]}
-
-
-def ship_scorer(spark, model_dir: str) -> str:
-    """Ship a scorer directory to executors; the name to give worker_scorer there."""
-    model_dir = os.path.abspath(model_dir)
-    read_meta(model_dir)
-    return ship_directory(spark, model_dir, f"{os.path.basename(model_dir)}-{directory_digest(model_dir)[:12]}")
-
-
-# One Scorer per Python worker and model.
-_SCORERS: dict[tuple, Scorer] = {}
-
-
-def worker_scorer(shipped: str, device: str = "auto", batch_size: int = 32, max_chars: int = 20_000) -> Scorer:
-    """The worker's Scorer for `shipped`: a name from ship_scorer, or an absolute path
-    (a stage used in this process, before or without prepare)."""
-    from pyspark import SparkFiles
-
-    local = shipped if os.path.isabs(shipped) else SparkFiles.get(shipped)
-    # Shipped names carry a digest; a path does not, so a model retrained in place (same
-    # path, new kiln_scorer.json) must not be served from the cache.
-    key = (local, device, os.stat(os.path.join(local, META_FILE)).st_mtime_ns)
-    if key not in _SCORERS:
-        _SCORERS[key] = Scorer.load(local, device)
-    scorer = _SCORERS[key]
-    scorer.batch_size, scorer.max_chars = batch_size, max_chars
-    return scorer
-
-
-_SHIPPED: dict[tuple, str] = {}  # (application, name, archive) -> the name executors ask SparkFiles for
-
-
-def ship_directory(spark, model_dir: str, name: str, archive: bool | None = None) -> str:
-    """Make `model_dir` available to executors as SparkFiles.get(<returned name>).
-
-    `name` should change whenever the contents do: Spark refuses a second directory of
-    the same name and silently keeps serving the first copy of a re-added one. A local
-    master takes the directory itself (addFile, recursive); a cluster master cannot
-    (Spark rejects local directories there), so it gets a zip (addArchive), which each
-    executor unpacks once. `archive` forces either, for tests."""
-    sc = spark.sparkContext
-    if archive is None:
-        archive = not sc.master.startswith("local")
-    key = (sc.applicationId, name, archive)
-    if key in _SHIPPED:
-        return _SHIPPED[key]
-    staging = tempfile.mkdtemp(prefix="kiln-scorer-")
-    # Kept until the driver exits: a cluster's executors fetch from the driver lazily.
-    atexit.register(shutil.rmtree, staging, True)
-    staged = os.path.join(staging, name)
-    shutil.copytree(model_dir, staged, copy_function=_link_or_copy)
-    if archive:
-        sc.addArchive(shutil.make_archive(staged, "zip", staged))
-        _SHIPPED[key] = name + ".zip"
-    else:
-        sc.addFile(staged, recursive=True)
-        _SHIPPED[key] = name
-    return _SHIPPED[key]
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # a multi-GB checkpoint is not copied when a hard link will do
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-class ScorerStage(Stage):
-    name = "scorer"
-
-    def __init__(self, cfg: ScorerConfig):
-        self.cfg = cfg
-        if not cfg.model_dir:
-            raise ConfigError("scorer: model_dir is not set (a directory written by train_scorer)")
-        if cfg.batch_size < 1:
-            raise ConfigError(f"scorer: batch_size must be 1 or more, got {cfg.batch_size}")
-        self.model_dir = os.path.abspath(cfg.model_dir)
-        self.meta = read_meta(self.model_dir)
-        self.digest = directory_digest(self.model_dir)
-        self._shipped = self.model_dir  # until prepare ships it, workers are this process
-
-    def settings(self) -> dict:
-        return {**asdict(self.cfg), "model_dir": os.path.basename(self.model_dir), "model_sha256": self.digest[:16],
-                "task": self.meta["task"], "positive_label": self.meta.get("positive_label", "")}
-
-    def prepare(self, spark, df) -> None:
-        # Loaded once here so a broken checkpoint fails on the driver, with its path.
-        Scorer.load(self.model_dir, device="cpu")
-        self._shipped = ship_scorer(spark, self.model_dir)
-
-    def output_fields(self) -> list[pa.Field]:
-        return [pa.field(self.cfg.column, pa.float32())]
-
-    def metrics(self) -> dict:
-        # Null scores: empty documents, and documents in languages the scorer does not judge.
-        return {"unscored_documents": F.count(F.when(F.col(self.cfg.column).isNull(), F.lit(1)))}
-
-    def process_partition(self, batches):
-        import torch
-
-        torch.set_num_threads(task_cpus())  # the task's cores, not every core of the executor
-        one_thread_per_core()
-        for batch in batches:
-            yield self.process(batch)
-
-    def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        scorer = worker_scorer(self._shipped, self.cfg.device, self.cfg.batch_size, self.cfg.max_chars)
-        texts = batch.column(schema.TEXT).to_pylist()
-        judged = in_languages(batch, self.cfg.languages)
-        scores = [None if np.isnan(s) else float(s)
-                  for s in scorer.score([t if ok else None for t, ok in zip(texts, judged)])]
-        # A reason an earlier step set (a reader's) stands; empty documents are not judged here.
-        reasons = (batch.column(schema.DROP_REASON).to_pylist() if schema.DROP_REASON in batch.schema.names
-                   else [None] * batch.num_rows)
-        if self.cfg.min_score is not None:
-            for i, s in enumerate(scores):
-                if reasons[i] is None and s is not None and s < self.cfg.min_score:
-                    reasons[i] = "model_score_low"
-        return set_columns(batch, output_schema(self, batch.schema), {
-            self.cfg.column: scores, schema.DROP_REASON: reasons, schema.IN_BYTES: text_bytes(texts),
-        })
+    return {**read_meta(model_dir), "fingerprint": content_sha256(model_dir)[:16]}

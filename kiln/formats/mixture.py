@@ -29,11 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import ConfigError, load_toml
+from kiln.formats.runs import SUM_TOLERANCE
 
 TABLES = ("mixture", "provenance")
-# Weights come from an optimizer and are rounded for the file; a looser tolerance
-# would let a hand-edited file that forgot a domain's share through.
-SUM_TOLERANCE = 1e-6
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A stage's output rows carry `drop_reason` (null when kept) and `_in_bytes` (the
 size of what came in), one output row per input row. Written stages count rows per
 `drop_reason=` partition from the Parquet footers and take totals from a Spark
-Observation of the same job (stage.run_stage); in-memory runs use one groupBy
+Observation of the same job (kiln.curation.stage.run_stage); in-memory runs use one groupBy
 (`collect_stats`). `in == kept + sum(dropped)` compares two independent counts
 there, and `StageStats.check` fails the stage before stats.json is written.
 """
@@ -15,10 +15,6 @@ import json
 from dataclasses import dataclass, field
 
 import polars as pl
-from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
-
-from kiln.curation import schema
 
 
 @dataclass
@@ -52,34 +48,6 @@ class StageStats:
         d = json.loads(text)
         d.pop("dropped_total", None)
         return cls(**d)
-
-
-def collect_stats(stage: str, result: DataFrame) -> StageStats:
-    """Count a stage's output by drop reason. The collect is one row per reason."""
-    rows = (
-        result.groupBy(schema.DROP_REASON)
-        .agg(
-            F.count(F.lit(1)).alias("n"),
-            F.coalesce(F.sum(schema.IN_BYTES), F.lit(0)).alias("bytes_in"),
-            F.coalesce(F.sum(F.octet_length(schema.TEXT)), F.lit(0)).alias("bytes_out"),
-            F.coalesce(F.sum(F.length(schema.TEXT)), F.lit(0)).alias("chars_out"),
-        )
-        .collect()
-    )
-    stats = StageStats(stage=stage)
-    for r in rows:
-        stats.docs_in += r["n"]
-        stats.bytes_in += r["bytes_in"]
-        reason = r[schema.DROP_REASON]
-        if reason is None:
-            stats.kept = r["n"]
-            stats.bytes_kept = r["bytes_out"]
-            stats.chars_kept = r["chars_out"]
-        else:
-            stats.dropped[reason] = r["n"]
-    stats.dropped = dict(sorted(stats.dropped.items(), key=lambda kv: (-kv[1], kv[0])))
-    stats.check()
-    return stats
 
 
 def funnel_frame(all_stats: list[StageStats]) -> pl.DataFrame:

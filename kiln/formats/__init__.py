@@ -1,0 +1,10 @@
+"""The contracts between kiln's parts (DESIGN.md), as small pure modules that the writer
+and the reader of each contract both import; nothing here needs Spark or torch.
+
+    schema    the document table: column names and Arrow schemas (contract 1)
+    stats     a stage's accounting: in == kept + dropped by reason, and the funnel (contract 2)
+    shards    token shards, their index and availability.json (contract 3)
+    mixture   the mixture file (contract 4)
+    runs      the runs table's columns and the weights' sum tolerance (contract 5)
+    hashing   the content hash that shards and fingerprints record
+"""
