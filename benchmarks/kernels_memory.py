@@ -7,7 +7,7 @@ against N targets, at vocabularies of 32k and 128k (Llama 2 / Llama 3), measured
     computes with `labels=`: `F.linear` (the lm_head) for the (N, V) logits, then
     `transformers.loss.loss_utils.ForCausalLMLoss` (fp32 upcast, `F.cross_entropy`),
     backward through autograd. Imported, not re-typed.
-(b) kiln: `kiln.kernels.linear_cross_entropy` with the backend forced to "torch", the
+(b) kiln: `kiln.kernels.linear_cross_entropy` with the backend "reference", the
     chunked reference that never holds the (N, V) logits.
 
 Targets on CPU: kiln's peak memory <= 0.3 x naive, with time <= 1.2 x naive.
@@ -78,16 +78,17 @@ def _rss_bytes() -> int:
 
 
 def _loss_fn(method: str, vocab: int):
+    import functools
+
     import torch.nn.functional as F
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    import kiln.kernels as kernels
+    from kiln.kernels import linear_cross_entropy
 
     if method == "naive":
         # The targets are already next-token labels, hence shift_labels (no shift inside).
         return lambda h, w, t: ForCausalLMLoss(F.linear(h, w), None, vocab, shift_labels=t)
-    kernels.set_backend("torch" if method == "kiln" else "liger")
-    return kernels.linear_cross_entropy
+    return functools.partial(linear_cross_entropy, backend="reference" if method == "kiln" else "liger")
 
 
 def worker(spec: dict) -> dict:

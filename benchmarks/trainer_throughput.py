@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import log, machine, versions, write_results  # noqa: E402
 from kiln.training import recipe as recipes  # noqa: E402
 from kiln.training.data import DataConfig, MixtureSampler, TokenSource  # noqa: E402
-from kiln.training.mixture import Mixture  # noqa: E402
+from kiln.formats.mixture import Mixture  # noqa: E402
 from kiln.training.model import ModelConfig, build_model, resolve  # noqa: E402
 from kiln.training.train import train  # noqa: E402
 

@@ -1,9 +1,13 @@
 """The CUDA path: Liger-Kernel's Triton kernels behind the same signatures as `reference`.
 
-Imported only when a call resolves to Liger (CUDA tensors, see `backend.use_liger`),
-so CPU runs never import Triton. Each function calls Liger's autograd Function
-directly (liger-kernel 0.8.5), with the options that reproduce the Llama semantics
-of the references.
+Imported only when something resolves to Liger (a CUDA device, see
+`backend.resolve_backend`), so CPU runs never import Triton. What the model runs from
+here: `linear_cross_entropy` (through `kiln.kernels.linear_cross_entropy`) and Liger's
+RMSNorm / SwiGLU / RoPE modules (`apply_liger_to_model`). `rms_norm`, `swiglu` and
+`apply_rope` are test entry points only: they call the same Liger autograd Functions
+those modules call (liger-kernel 0.8.5), with the options that reproduce the Llama
+semantics of the references, so tests/kernels can check Liger's ops against
+`reference` op by op.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEnt
 from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 from liger_kernel.ops.rope import LigerRopeFunction
 from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+
+# --------------------------------------------------------------------------- test entry points
+# Liger's ops one by one, for tests/kernels; the model gets them as modules (apply_liger_to_model).
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -32,6 +40,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     # position_ids None (cos/sin already gathered per position), unsqueeze_dim 1: heads
     # are dim 1 of q and k, as in transformers' Llama attention.
     return LigerRopeFunction.apply(q, k, cos, sin, None, 1)
+
+
+# --------------------------------------------------------------------------- what the model runs
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -59,8 +70,8 @@ def apply_liger_to_model(model: torch.nn.Module) -> None:
     """Swap a transformers Llama (or Mistral, kiln's sliding-window model) model's RMSNorm,
     SwiGLU MLP and RoPE for Liger's.
 
-    Cross-entropy is left alone: kiln's trainer computes the loss itself through
-    `kiln.kernels.linear_cross_entropy` (inside a module FSDP2 wraps). Apply before
+    Cross-entropy is left alone: kiln's model computes the loss itself through
+    `kiln.kernels.linear_cross_entropy` (inside the forward FSDP2 wraps). Apply before
     `fully_shard` and `torch.compile`. Liger patches the model instance's norms and MLPs,
     but RoPE by replacing `apply_rotary_pos_emb` in transformers' modeling module for the
     whole process (every model of that type built afterwards uses it too).

@@ -1,9 +1,14 @@
-"""PyTorch references for the fused ops: what runs on CPU, and what Liger is tested against.
+"""PyTorch references for the fused ops.
 
-`rms_norm`, `swiglu` and `apply_rope` follow transformers' Llama code op for op, so a
-model built from transformers and one built from these functions compute the same
-numbers. `linear_cross_entropy` is the one that differs from the obvious code: it
-never holds the (tokens x vocab) logits (see `ChunkedLinearCrossEntropy`).
+`linear_cross_entropy` is what the model's loss runs off CUDA (through
+`kiln.kernels.linear_cross_entropy`), and what Liger's fused loss is tested against.
+It is the one that differs from the obvious code: it never holds the (tokens x vocab)
+logits (see `ChunkedLinearCrossEntropy`).
+
+`rms_norm`, `swiglu` and `apply_rope` are test references, not called by the model:
+off CUDA the model runs transformers' own Llama modules, which these follow op for op
+(tests/kernels checks them bitwise equal), and on CUDA it runs Liger's modules patched
+in by `kiln.kernels.apply_liger_to_model`, whose ops tests/kernels checks against these.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ import torch.nn.functional as F
 # (512 / H) of grad_weight, which every method must hold anyway.
 CHUNK_BYTES = 256 * 2**20
 CHUNK_ROWS = 512
+
+
+# --------------------------------------------------------------------------- test references
+# The ops Liger patches into the model on CUDA; nothing in kiln calls these.
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -54,6 +63,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     cos = cos.unsqueeze(1)  # (B, 1, T, D): broadcast over heads
     sin = sin.unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# --------------------------------------------------------------------------- the loss
 
 
 def default_chunk_size(n_tokens: int, vocab: int) -> int:

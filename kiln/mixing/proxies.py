@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from kiln.config import ConfigError
-from kiln.mixing.design import WEIGHT_PREFIX
+from kiln.formats.runs import WEIGHT_PREFIX
 from kiln.mixing.table import read_table
 from kiln.training.model import ModelConfig
 from kiln.training.parallelize import ParallelConfig
@@ -60,11 +60,10 @@ def proxy_recipe(cfg: ProxyConfig, run_id: str, weights: dict[str, float]) -> Re
                   optimizer=OptimizerConfig(), stages=[stage], path=f"proxy {run_id}")
 
 
-def final_metrics(run_dir: str) -> dict:
-    """The last record of the proxy's metrics log that holds validation losses."""
-    path = os.path.join(run_dir, "01_proxy", "metrics.jsonl")
+def final_metrics(metrics_path: str) -> dict:
+    """The last record of a proxy's metrics log that holds validation losses."""
     last = {}
-    with open(path, encoding="utf-8") as f:
+    with open(metrics_path, encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
             if any(k.startswith("val/") for k in record):
@@ -75,7 +74,7 @@ def final_metrics(run_dir: str) -> dict:
 def run_plan(plan_path: str, cfg: ProxyConfig, log=None) -> pl.DataFrame:
     """Train every run of the plan that has not finished; returns (and writes) runs.csv."""
     from kiln.training.model import build_model, num_params, resolve
-    from kiln.training.train import STAGE_DONE, train
+    from kiln.training.train import stage_paths, train
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if not cfg.shards or not cfg.output:
@@ -89,13 +88,14 @@ def run_plan(plan_path: str, cfg: ProxyConfig, log=None) -> pl.DataFrame:
         weights = {d: float(row[WEIGHT_PREFIX + d]) for d in domains if float(row[WEIGHT_PREFIX + d]) > 0}
         total = sum(weights.values())
         weights = {d: w / total for d, w in weights.items()}  # a CSV's rounding must not fail the sum check
-        run_dir = os.path.join(cfg.output, run_id)
-        done = os.path.exists(os.path.join(run_dir, "01_proxy", "final", STAGE_DONE))
+        recipe = proxy_recipe(cfg, run_id, weights)
+        paths = stage_paths(recipe, 0)  # a proxy recipe has one stage
+        done = os.path.exists(paths.done)
         log(f"[mix run] {i + 1}/{plan.height} {run_id}: " + ("finished earlier" if done else
             "training " + ", ".join(f"{d} {w:.3f}" for d, w in weights.items())))
         if not done:
-            train(proxy_recipe(cfg, run_id, weights))
-        metrics = final_metrics(run_dir)
+            train(recipe)
+        metrics = final_metrics(paths.metrics)
         if params is None:
             from kiln.training.data import TokenSource
 

@@ -1,4 +1,5 @@
-"""Training checkpoints (DESIGN.md contract 6) with torch.distributed.checkpoint.
+"""Training checkpoints (DESIGN.md contract 8, names in kiln.formats.checkpoint) with
+torch.distributed.checkpoint.
 
 A checkpoint is a directory `step-00000120/` holding the DCP shards of the model and
 optimizer (each rank writes its own part; any world size can load them), one
@@ -23,9 +24,8 @@ import numpy as np
 import torch
 
 from kiln.config import ConfigError
-from kiln.training.parallelize import World, barrier
-
-MARKER = "kiln_checkpoint.json"
+from kiln.formats.checkpoint import CHECKPOINT_META, CHECKPOINT_PREFIX, checkpoint_name, read_checkpoint_meta
+from kiln.training.distributed import World, barrier
 
 
 @contextlib.contextmanager
@@ -34,15 +34,11 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-PREFIX = "step-"
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
-
-def checkpoint_name(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
 
 
 def _model_and_optim_state(model, optimizer) -> dict:
@@ -71,7 +67,7 @@ def save(root: str, step: int, model, optimizer, meta: dict, world: World, keep:
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{world.rank}.pt"))
     barrier(world)
     if world.main:
-        with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, CHECKPOINT_META), "w", encoding="utf-8") as f:
             json.dump({"step": step, "world_size": world.size, **meta}, f, indent=2, default=str)
         os.rename(tmp, final)
         if keep:
@@ -88,19 +84,19 @@ def complete_checkpoints(root: str, log=_log) -> list[str]:
     out = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        if name.startswith(f".{PREFIX}") and name.endswith(".tmp"):
+        if name.startswith(f".{CHECKPOINT_PREFIX}") and name.endswith(".tmp"):
             log(f"warning: {path}: partial checkpoint (interrupted while writing), skipped")
             continue
-        if not name.startswith(PREFIX) or not os.path.isdir(path):
+        if not name.startswith(CHECKPOINT_PREFIX) or not os.path.isdir(path):
             continue
-        if not os.path.exists(os.path.join(path, MARKER)) or not os.path.exists(os.path.join(path, ".metadata")):
-            log(f"warning: {path}: incomplete checkpoint (no {MARKER} or DCP .metadata), skipped")
+        if not os.path.exists(os.path.join(path, CHECKPOINT_META)) or not os.path.exists(os.path.join(path, ".metadata")):
+            log(f"warning: {path}: incomplete checkpoint (no {CHECKPOINT_META} or DCP .metadata), skipped")
             continue
         try:
-            with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+            with open(os.path.join(path, CHECKPOINT_META), encoding="utf-8") as f:
                 json.load(f)
         except ValueError:
-            log(f"warning: {path}: unreadable {MARKER}, skipped")
+            log(f"warning: {path}: unreadable {CHECKPOINT_META}, skipped")
             continue
         out.append(path)
     return out
@@ -111,18 +107,13 @@ def latest(root: str, log=_log) -> str | None:
     return found[-1] if found else None
 
 
-def read_meta(path: str) -> dict:
-    with open(os.path.join(path, MARKER), encoding="utf-8") as f:
-        return json.load(f)
-
-
 def load(path: str, model, optimizer, world: World, expected_model: dict | None = None) -> dict:
     """Restore model and optimizer (and this rank's RNG) from `path`; returns the meta.
     A checkpoint of another model shape fails here, naming the first differing field."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    meta = read_meta(path)
+    meta = read_checkpoint_meta(path)
     saved_model = (meta.get("config") or {}).get("model")
     if expected_model is not None and saved_model is not None:
         for key, value in expected_model.items():

@@ -4,11 +4,12 @@ The model is transformers' own `LlamaForCausalLM` (GQA, RoPE with a configurable
 theta, RMSNorm, SwiGLU), or `MistralForCausalLM` when a sliding attention window is
 asked for (Mistral / Gemma 2 style local attention), so kiln's checkpoints are
 ordinary Hugging Face model directories. This file knows nothing of parallelism:
-FSDP2, activation checkpointing and compile are applied in `parallelize.py`.
+kernels, FSDP2, activation checkpointing and compile are applied in `parallelize.py`.
 
-Training does not call the model's own `forward` with labels: the trainer takes the
-decoder's hidden states (`model.model(...)`) and computes the loss through
-`kiln.kernels.LMHeadLoss`, which never materializes the (tokens x vocab) logits.
+Training does not call the transformers model's own `forward` with labels:
+`CausalLM.forward` takes the decoder's hidden states (`hf.model(...)`) and computes
+the loss through `kiln.kernels.linear_cross_entropy`, which never materializes the
+(tokens x vocab) logits.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.config import ConfigError
-from kiln.kernels import linear_cross_entropy
+from kiln.kernels import KernelsConfig, linear_cross_entropy
 
 
 @dataclass
@@ -151,12 +152,15 @@ def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 class CausalLM(torch.nn.Module):
     """The training view of a Hugging Face causal LM: `forward` returns the mean
-    next-token loss. The loss is computed here, inside the module FSDP2 wraps at the
-    root, so lm_head's weight is gathered when the fused cross-entropy reads it."""
+    next-token loss through `kiln.kernels.linear_cross_entropy`. The loss is computed
+    here, inside the module FSDP2 wraps at the root, so lm_head's weight is gathered
+    when the fused cross-entropy reads it."""
 
     def __init__(self, hf_model):
         super().__init__()
         self.hf = hf_model
+        # The loss's backend and chunk; "auto" until parallelize() applies the recipe's [kernels].
+        self.kernels = KernelsConfig()
 
     def decoder_layers(self) -> torch.nn.ModuleList:
         return self.hf.model.layers
@@ -166,4 +170,5 @@ class CausalLM(torch.nn.Module):
         mask = document_mask(segment_ids) if segment_ids is not None else None
         hidden = self.hf.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state  # (B, T, C)
-        return linear_cross_entropy(hidden.flatten(0, 1), self.hf.lm_head.weight, labels.flatten())
+        return linear_cross_entropy(hidden.flatten(0, 1), self.hf.lm_head.weight, labels.flatten(),
+                                    chunk_size=self.kernels.ce_chunk_size, backend=self.kernels.backend)

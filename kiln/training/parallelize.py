@@ -1,22 +1,25 @@
-"""Everything about running the model on one process or many, in one place.
+"""Applying parallelism and kernels to the model, in one place.
 
-`init_distributed()` joins the torchrun process group when there is one (gloo on CPU,
-NCCL on GPU; multi-node through torchrun's rendezvous) and otherwise leaves a plain
-single process. `parallelize()` applies, in torchtitan's order, activation
+`parallelize()` applies, in torchtitan's order: the recipe's kernels (Liger's RMSNorm /
+SwiGLU / RoPE on CUDA, and the backend of the model's loss), then activation
 checkpointing and torch.compile per decoder layer, then FSDP2 `fully_shard` per
 decoder layer and at the root, with a mixed-precision policy of bf16 parameters for
 compute and fp32 gradient reductions (the fp32 master weights stay sharded).
+`autocast()` gives bf16 compute to a single unsharded process. The process group
+itself is `kiln.training.distributed`.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from kiln.config import ConfigError
+from kiln.kernels import KernelsConfig, apply_liger_to_model, resolve_backend
+from kiln.training.distributed import World
 
 
 @dataclass
@@ -28,52 +31,20 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # free gathered parameters after each layer's forward (ZeRO-3)
 
 
-@dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> World:
-    """The torchrun world, or a single process. torchrun sets RANK / WORLD_SIZE /
-    LOCAL_RANK and the rendezvous address; a plain `python -m kiln.training` has none."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 1:
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        return World(device=device)
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return World(rank=rank, size=size, local_rank=local_rank, device=device)
-
-
 def compute_dtype(cfg: ParallelConfig) -> torch.dtype:
     if cfg.mixed_precision not in ("fp32", "bf16"):
         raise ConfigError(f"[parallel] mixed_precision: expected 'fp32' or 'bf16', got {cfg.mixed_precision!r}")
     return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
 
 
-def parallelize(model: torch.nn.Module, cfg: ParallelConfig, world: World) -> torch.nn.Module:
-    """Apply Liger (CUDA), AC, compile and FSDP2 to a `kiln.training.model.CausalLM` in place."""
-    from kiln.kernels import maybe_apply_liger
+def sharded(cfg: ParallelConfig, world: World) -> bool:
+    return cfg.fsdp and world.distributed and world.size > 1
 
-    # Liger's RMSNorm / RoPE / SwiGLU replace transformers' modules before anything wraps them.
-    maybe_apply_liger(model.hf)
+
+def parallelize(model: torch.nn.Module, cfg: ParallelConfig, world: World,
+                kernels: KernelsConfig | None = None) -> torch.nn.Module:
+    """Apply kernels, AC, compile and FSDP2 to a `kiln.training.model.CausalLM` in place."""
+    apply_kernels(model, kernels or KernelsConfig(), world.device)
     layers = model.decoder_layers()
     if cfg.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -83,7 +54,7 @@ def parallelize(model: torch.nn.Module, cfg: ParallelConfig, world: World) -> to
     if cfg.compile:
         for layer in layers:
             layer.compile(fullgraph=False)
-    if cfg.fsdp and world.distributed and world.size > 1:
+    if sharded(cfg, world):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg), reduce_dtype=torch.float32)
@@ -99,25 +70,20 @@ def parallelize(model: torch.nn.Module, cfg: ParallelConfig, world: World) -> to
     return model
 
 
-def autocast(cfg: ParallelConfig, world: World, model: torch.nn.Module):
+def apply_kernels(model: torch.nn.Module, kernels: KernelsConfig, device: torch.device) -> str:
+    """Resolve `[kernels] backend` for `device` and apply it: on "liger", Liger's RMSNorm /
+    SwiGLU / RoPE replace transformers' modules (before anything wraps them), and the
+    model's loss runs on the same backend. Returns "liger" or "reference"."""
+    backend = resolve_backend(kernels.backend, device)
+    if backend == "liger":
+        apply_liger_to_model(model.hf)
+    model.kernels = dataclasses.replace(kernels, backend=backend)
+    return backend
+
+
+def autocast(cfg: ParallelConfig, world: World):
     """bf16 compute without FSDP (one process): autocast, fp32 weights. With FSDP2
     the mixed-precision policy casts parameters itself and this is a no-op."""
-    import contextlib
-
-    sharded = cfg.fsdp and world.distributed and world.size > 1
-    if compute_dtype(cfg) is torch.float32 or sharded:
+    if compute_dtype(cfg) is torch.float32 or sharded(cfg, world):
         return contextlib.nullcontext()
     return torch.autocast(device_type=world.device.type, dtype=torch.bfloat16)
-
-
-def all_reduce_mean(value: float, world: World) -> float:
-    if not world.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=world.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / world.size
-
-
-def barrier(world: World) -> None:
-    if world.distributed:
-        dist.barrier()

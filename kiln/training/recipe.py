@@ -6,6 +6,7 @@ of the last checkpoints).
     [run]        output, shards, tokenizer, seed, ...     (RunConfig)
     [model]      preset = "debug", ...                    (kiln.training.model.ModelConfig)
     [parallel]   mixed_precision = "bf16", ...            (kiln.training.parallelize.ParallelConfig)
+    [kernels]    backend = "auto" | "reference" | "liger" (kiln.kernels.KernelsConfig)
     [optimizer]  lr is per stage; betas, weight decay, clipping here   (OptimizerConfig)
     [[stage]]    name, mixture, tokens, seq_len, batch_size, schedule, ...   (StageConfig)
 
@@ -18,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from kiln.config import ConfigError, from_dict, load_toml
+from kiln.kernels import KernelsConfig
 from kiln.training.model import ModelConfig
 from kiln.training.parallelize import ParallelConfig
 
@@ -72,6 +74,7 @@ class Recipe:
     parallel: ParallelConfig
     optimizer: OptimizerConfig
     stages: list[StageConfig]
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     path: str = ""
 
 
@@ -79,7 +82,7 @@ SCHEDULES = ("cosine", "wsd", "linear")
 
 
 def parse(data: dict, where: str = "recipe") -> Recipe:
-    known = {"run", "model", "parallel", "optimizer", "stage"}
+    known = {"run", "model", "parallel", "optimizer", "kernels", "stage"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown section [{unknown[0]}] (known: {', '.join(sorted(known))})")
@@ -91,12 +94,14 @@ def parse(data: dict, where: str = "recipe") -> Recipe:
         model=from_dict(ModelConfig, data.get("model", {}), f"{where}: [model]"),
         parallel=from_dict(ParallelConfig, data.get("parallel", {}), f"{where}: [parallel]"),
         optimizer=from_dict(OptimizerConfig, data.get("optimizer", {}), f"{where}: [optimizer]"),
+        kernels=from_dict(KernelsConfig, data.get("kernels", {}), f"{where}: [kernels]"),
         stages=[from_dict(StageConfig, s, f"{where}: [[stage]] #{i + 1}") for i, s in enumerate(stages_raw)],
         path=where,
     )
     for key in ("output", "shards"):
         if not getattr(recipe.run, key):
             raise ConfigError(f"{where}: [run] {key} is not set")
+    recipe.kernels.check(f"{where}: [kernels]")
     names = set()
     for i, s in enumerate(recipe.stages):
         at = f"{where}: [[stage]] {s.name or '#' + str(i + 1)}"

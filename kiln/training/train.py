@@ -9,6 +9,11 @@ reproducing the uninterrupted run's losses.
 
     kiln train recipes/tiny_train.toml
     torchrun --standalone --nproc_per_node=2 -m kiln.training recipes/tiny_train.toml
+
+Read top to bottom: where a run writes (`stage_paths`), the run's options and state,
+`train` (every stage), `run_stage` (one stage's loop), then the loop's steps in the
+order they run: set up, resume, one training step, progress, validation, checkpoint,
+average and export.
 """
 
 from __future__ import annotations
@@ -17,23 +22,220 @@ import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from kiln.config import ConfigError
+from kiln.formats.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, RESOLVED_RECIPE, STAGE_SUMMARY
+from kiln.formats.mixture import Mixture, load_mixture
 from kiln.training import checkpoint
 from kiln.training.data import DataConfig, MixtureSampler, TokenSource
-from kiln.training.metrics import MetricsLogger, Throughput, bits_per_byte, eta, flops_per_token, peak_flops, peak_memory_gb
-from kiln.training.mixture import Mixture, load_mixture
+from kiln.training.distributed import World, all_reduce_mean, barrier, init_distributed
+from kiln.training.metrics import MetricsLogger, Throughput, eta, flops_per_token, peak_flops, peak_memory_gb
 from kiln.training.model import CausalLM, ModelConfig, build_model, num_params, resolve, save_hf, set_rope_theta
-from kiln.training.parallelize import World, all_reduce_mean, autocast, barrier, init_distributed, parallelize
+from kiln.training.parallelize import autocast, parallelize
 from kiln.training.recipe import Recipe, StageConfig, batch_size_at, lr_at
+from kiln.training.validate import Validator
 
-STAGE_DONE = "kiln_stage.json"
+# --------------------------------------------------------------------------- where a run writes
 
 
-def stage_dir(recipe: Recipe, i: int) -> str:
-    return os.path.join(recipe.run.output, f"{i + 1:02d}_{recipe.stages[i].name}")
+@dataclass(frozen=True)
+class StagePaths:
+    """Where one stage of a run writes. The one place these names are made: `kiln mix
+    run` finds its proxies' metrics and finished stages through it."""
+
+    root: str  # <run.output>/NN_<stage name>
+
+    @property
+    def checkpoints(self) -> str:
+        """step-NNNNNNNN/ directories (kiln.training.checkpoint)."""
+        return os.path.join(self.root, CHECKPOINTS_DIR)
+
+    @property
+    def final(self) -> str:
+        """The exported Hugging Face model directory: the next stage starts from it."""
+        return os.path.join(self.root, FINAL_DIR)
+
+    @property
+    def done(self) -> str:
+        """The stage's summary, written after its export: a stage is finished when this exists."""
+        return os.path.join(self.final, STAGE_SUMMARY)
+
+    @property
+    def metrics(self) -> str:
+        """One JSON record per step (train/..., perf/..., val/... keys)."""
+        return os.path.join(self.root, METRICS_FILE)
+
+    @property
+    def resolved_recipe(self) -> str:
+        return os.path.join(self.root, RESOLVED_RECIPE)
+
+    @property
+    def tensorboard(self) -> str:
+        return os.path.join(self.root, "tensorboard")
+
+
+def stage_paths(recipe: Recipe, i: int) -> StagePaths:
+    """The paths of stage `i` (0-based) of `recipe`: `<output>/01_core/`, `02_long/`, ..."""
+    return StagePaths(os.path.join(recipe.run.output, f"{i + 1:02d}_{recipe.stages[i].name}"))
+
+
+# --------------------------------------------------------------------------- options and state
+
+
+@dataclass
+class RunOptions:
+    resume: bool = True  # continue an unfinished stage from its newest complete checkpoint
+    stop_after_steps: int = 0  # end the run after this many optimizer steps (all stages), as a kill would; 0 = never
+
+
+@dataclass
+class Run:
+    """What every stage of one run shares."""
+
+    recipe: Recipe
+    options: RunOptions
+    world: World
+    source: TokenSource  # the token shards, opened once
+    model_cfg: ModelConfig  # the recipe's [model] with its preset and vocabulary resolved
+    log: MetricsLogger  # rank 0's progress lines
+    steps_taken: int = 0  # optimizer steps taken by this process, over all stages
+
+    def stopped(self) -> bool:
+        return 0 < self.options.stop_after_steps <= self.steps_taken
+
+
+@dataclass
+class StageState:
+    """The loop's state. A checkpoint saves step and tokens with the model, optimizer,
+    sampler and RNG; resuming from it reproduces the uninterrupted run."""
+
+    step: int = 0  # optimizer steps taken in this stage
+    tokens: int = 0  # training tokens seen in this stage (the LR schedule and batch ramp follow them)
+    last_saved: int = 0  # step of the newest checkpoint
+    last_loss: float | None = None  # train loss of the latest step (the summary's final_loss)
+    started: float = dataclasses.field(default_factory=time.time)  # for the ETA
+
+
+@dataclass
+class Stage:
+    """One stage, set up: its config and paths, and the objects its loop drives."""
+
+    cfg: StageConfig
+    paths: StagePaths
+    mixture: Mixture
+    micro: int  # sequences per forward on one rank
+    model: CausalLM
+    optimizer: torch.optim.Optimizer
+    sampler: MixtureSampler
+    validator: Validator
+    resolved: dict  # the resolved config, saved beside the stage and in every checkpoint
+    state: StageState
+    metrics: MetricsLogger  # metrics.jsonl (and TensorBoard)
+    meter: Throughput
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(recipe: Recipe, options: RunOptions | None = None) -> list[dict]:
+    """Run every stage; returns one summary per finished stage (those finished by an
+    earlier launch included). A run ended by `options.stop_after_steps` returns the
+    summaries of the stages it finished."""
+    run = start_run(recipe, options or RunOptions())
+    summaries, previous = [], ""
+    for i, stage_cfg in enumerate(recipe.stages):
+        paths = stage_paths(recipe, i)
+        if os.path.exists(paths.done):
+            run.log.print(f"[{stage_cfg.name}] finished earlier: {paths.final}")
+            with open(paths.done, encoding="utf-8") as f:
+                summaries.append(json.load(f))
+        else:
+            summary = run_stage(run, i, previous)
+            if summary is None:  # stopped (stop_after_steps)
+                break
+            summaries.append(summary)
+        previous = paths.final
+    run.log.close()
+    return summaries
+
+
+def start_run(recipe: Recipe, options: RunOptions) -> Run:
+    world = init_distributed()
+    torch.manual_seed(recipe.run.seed)
+    source = TokenSource(recipe.run.shards, recipe.run.val_fraction)
+    model_cfg = resolve(recipe.model, vocab_size=source.vocab_size, where=f"{recipe.path}: [model]")
+    source.check_vocab(model_cfg.vocab_size)
+    log = MetricsLogger(None, world.main)
+    log.print(f"kiln train {recipe.path}: {len(recipe.stages)} stage(s), {world.size} process(es) on {world.device}")
+    log.print("resolved model: " + json.dumps(dataclasses.asdict(model_cfg)))
+    return Run(recipe, options, world, source, model_cfg, log)
+
+
+def run_stage(run: Run, i: int, previous: str) -> dict | None:
+    """Train stage `i` from `previous` (the last stage's export; "" = fresh weights) to
+    its token budget and export it; returns its summary, or None if the run was stopped."""
+    stage = setup_stage(run, i, previous)
+    stage.model.train()
+    while stage.state.tokens < stage.cfg.tokens:
+        if run.stopped():
+            stage.metrics.close()
+            return None
+        record = train_step(run, stage)
+        done = stage.state.tokens >= stage.cfg.tokens
+        if stage.state.step % run.recipe.run.log_every == 0 or done:
+            record.update(progress(run, stage, record))
+        if stage.state.step % stage.cfg.eval_every == 0 or done:
+            record.update(validate(run, stage))
+        stage.metrics.log(stage.state.step, record)
+        if stage.state.step % stage.cfg.checkpoint_every == 0 or done:
+            save_checkpoint(run, stage)
+    if stage.state.last_saved != stage.state.step:
+        save_checkpoint(run, stage)
+    stage.metrics.close()
+    return finish_stage(run, stage)
+
+
+# --------------------------------------------------------------------------- setting a stage up
+
+
+def setup_stage(run: Run, i: int, previous: str) -> Stage:
+    """Mixture, model, optimizer, sampler and validator of stage `i`, resumed from its
+    newest checkpoint when there is one (and `options.resume`)."""
+    recipe, world, cfg = run.recipe, run.world, run.recipe.stages[i]
+    mixture = stage_mixture(recipe, cfg)
+    run.source.check_mixture(mixture)
+    micro = cfg.micro_batch_size or max(1, cfg.batch_size // world.size)
+    check_batching(cfg, micro, world, f"{recipe.path}: [[stage]] {cfg.name}")
+    model = stage_model(run, cfg, previous)
+    optimizer = optimizer_for(model, recipe, lr_at(cfg, 0), world.device)
+    data_cfg = DataConfig(shards_dir=recipe.run.shards, seq_len=cfg.seq_len, batch_size=micro,
+                          seed=recipe.run.seed + 1000 * i, val_fraction=recipe.run.val_fraction,
+                          doc_masking=cfg.doc_masking)
+    sampler = MixtureSampler(run.source, mixture, data_cfg, world.rank, world.size)
+    validator = Validator(run.source, cfg, micro, world, recipe.run.tokenizer)
+    paths = stage_paths(recipe, i)
+    resolved = resolved_config(run, cfg, model, mixture)
+    state = StageState()
+    if run.options.resume:
+        state = resume(run, cfg, paths, model, optimizer, sampler) or state
+    if world.main:
+        os.makedirs(paths.root, exist_ok=True)
+        with open(paths.resolved_recipe, "w", encoding="utf-8") as f:
+            json.dump(resolved, f, indent=2)
+    metrics = MetricsLogger(paths.metrics, world.main, paths.tensorboard if recipe.run.tensorboard else "")
+    n_params = num_params(model.hf)
+    meter = Throughput(flops_per_token(n_params, run.model_cfg.num_layers, run.model_cfg.hidden_size, cfg.seq_len),
+                       peak_flops(world.device), world.size)
+    run.log.print(f"[{cfg.name}] {n_params / 1e6:.2f}M non-embedding parameters, {cfg.tokens:,} tokens, "
+                  f"seq_len {cfg.seq_len}, mixture {mixture.weights}, {model.kernels.backend} kernels")
+    return Stage(cfg, paths, mixture, micro, model, optimizer, sampler, validator, resolved, state, metrics, meter)
 
 
 def stage_mixture(recipe: Recipe, stage: StageConfig) -> Mixture:
@@ -46,6 +248,31 @@ def stage_mixture(recipe: Recipe, stage: StageConfig) -> Mixture:
     return load_mixture(path)
 
 
+def check_batching(stage: StageConfig, micro: int, world: World, where: str) -> None:
+    sizes = [stage.batch_size] + [b for _t, b in stage.batch_ramp]
+    for size in sizes:
+        if size % (micro * world.size):
+            raise ConfigError(f"{where}: batch size {size} is not a multiple of micro_batch_size {micro} x "
+                              f"{world.size} rank(s)")
+
+
+def stage_model(run: Run, stage: StageConfig, previous: str) -> CausalLM:
+    """The previous stage's export (or fresh weights), with this stage's RoPE base and
+    context, on the device, with the recipe's kernels and parallelism applied."""
+    from transformers import AutoModelForCausalLM
+
+    if previous:
+        hf = AutoModelForCausalLM.from_pretrained(previous, dtype=torch.float32)
+    else:
+        hf = build_model(run.model_cfg, seed=run.recipe.run.seed)
+    if stage.rope_theta:
+        set_rope_theta(hf, stage.rope_theta)
+    if stage.seq_len > hf.config.max_position_embeddings:
+        hf.config.max_position_embeddings = stage.seq_len
+    model = CausalLM(hf).to(run.world.device)
+    return parallelize(model, run.recipe.parallel, run.world, run.recipe.kernels)
+
+
 def optimizer_for(model: torch.nn.Module, recipe: Recipe, lr: float, device: torch.device) -> torch.optim.Optimizer:
     # Decay matrices only: norms' gains (and biases, which Llama has none of) stay undecayed.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -56,225 +283,63 @@ def optimizer_for(model: torch.nn.Module, recipe: Recipe, lr: float, device: tor
         lr=lr, betas=tuple(opt.betas), eps=opt.eps, fused=device.type == "cuda")
 
 
-def check_batching(stage: StageConfig, micro: int, world: World, where: str) -> None:
-    sizes = [stage.batch_size] + [b for _t, b in stage.batch_ramp]
-    for size in sizes:
-        if size % (micro * world.size):
-            raise ConfigError(f"{where}: batch size {size} is not a multiple of micro_batch_size {micro} x "
-                              f"{world.size} rank(s)")
+def resolved_config(run: Run, stage: StageConfig, model: CausalLM, mixture: Mixture) -> dict:
+    """Everything that decides the stage's numbers, as applied (preset and vocabulary
+    resolved, kernels resolved for the device): written beside the stage and saved in
+    every checkpoint."""
+    recipe = run.recipe
+    return {"model": dataclasses.asdict(run.model_cfg), "stage": dataclasses.asdict(stage),
+            "parallel": dataclasses.asdict(recipe.parallel), "kernels": dataclasses.asdict(model.kernels),
+            "optimizer": dataclasses.asdict(recipe.optimizer), "run": dataclasses.asdict(recipe.run),
+            "mixture": mixture.weights}
 
 
-class Validator:
-    """Per-domain validation loss and bits per byte on fixed held-out batches."""
-
-    def __init__(self, source: TokenSource, stage: StageConfig, micro: int, world: World, tokenizer_dir: str):
-        self.source, self.stage, self.micro, self.world = source, stage, micro, world
-        self.tokenizer = None
-        path = os.path.join(tokenizer_dir, "tokenizer.json") if tokenizer_dir else ""
-        if path and os.path.exists(path):
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(path)
-        self._bytes: dict[str, int] = {}
-        self.domains = []
-        for domain in source.domains:
-            try:
-                next(iter(self.batches(domain)), None)
-                self.domains.append(domain)
-            except ConfigError as e:  # too little held-out text for this sequence length
-                if world.main:
-                    print(f"[{stage.name}] no validation for {domain}: {e}", flush=True)
-
-    def batches(self, domain: str):
-        return self.source.val_batches(domain, self.stage.seq_len, self.micro, max_batches=self.stage.eval_batches,
-                                       rank=self.world.rank, world_size=self.world.size,
-                                       doc_masking=self.stage.doc_masking)
-
-    def bytes_of(self, domain: str) -> int:
-        """UTF-8 bytes of the held-out targets, decoded once: what bits per byte divides by."""
-        if domain not in self._bytes:
-            n = 0
-            for b in self.batches(domain):
-                for row in b.labels.tolist():
-                    n += len(self.tokenizer.decode(row, skip_special_tokens=False).encode("utf-8"))
-            self._bytes[domain] = int(all_reduce_mean(float(n), self.world) * self.world.size)
-        return self._bytes[domain]
-
-    @torch.no_grad()
-    def run(self, model, parallel) -> dict:
-        model.eval()
-        out = {}
-        for domain in self.domains:
-            total, count = 0.0, 0
-            for b in self.batches(domain):
-                b = b.to(self.world.device)
-                with autocast(parallel, self.world, model):
-                    loss = model(b.input_ids, b.labels, b.position_ids, b.segment_ids)
-                total += float(loss) * b.labels.numel()
-                count += b.labels.numel()
-            if not count:
-                continue
-            loss = all_reduce_mean(total / count, self.world)
-            out[f"val/{domain}/loss"] = loss
-            if self.tokenizer is not None:
-                tokens = count * self.world.size
-                out[f"val/{domain}/bpb"] = bits_per_byte(loss, tokens, self.bytes_of(domain))
-        model.train()
-        return out
+def resume(run: Run, stage: StageConfig, paths: StagePaths, model, optimizer, sampler) -> StageState | None:
+    """Restore the newest complete checkpoint of the stage, if any; returns its loop state."""
+    path = checkpoint.latest(paths.checkpoints, run.log.print)
+    if not path:
+        return None
+    meta = checkpoint.load(path, model, optimizer, run.world, expected_model=dataclasses.asdict(run.model_cfg))
+    sampler.load_state_dict(meta["sampler"])
+    state = StageState(step=meta["step"], tokens=meta["tokens"], last_saved=meta["step"])
+    run.log.print(f"[{stage.name}] resumed from {path} (step {state.step}, {state.tokens:,} tokens)")
+    return state
 
 
-def train(recipe: Recipe, resume: bool = True, stop_after_steps: int = 0) -> list[dict]:
-    """Run every stage; returns one summary per stage. `stop_after_steps` (tests) ends
-    the run after that many optimizer steps in total, as a kill would."""
-    world = init_distributed()
-    torch.manual_seed(recipe.run.seed)
-    source = TokenSource(recipe.run.shards, recipe.run.val_fraction)
-    mcfg = resolve(recipe.model, vocab_size=source.vocab_size, where=f"{recipe.path}: [model]")
-    source.check_vocab(mcfg.vocab_size)
-    log = MetricsLogger(None, world.main)
-    log.print(f"kiln train {recipe.path}: {len(recipe.stages)} stage(s), {world.size} process(es) on {world.device}")
-    log.print("resolved model: " + json.dumps(dataclasses.asdict(mcfg)))
-    summaries, previous, budget = [], "", [stop_after_steps or None]
-    for i, stage in enumerate(recipe.stages):
-        out = stage_dir(recipe, i)
-        final = os.path.join(out, "final")
-        if os.path.exists(os.path.join(final, STAGE_DONE)):
-            log.print(f"[{stage.name}] finished earlier: {final}")
-            with open(os.path.join(final, STAGE_DONE), encoding="utf-8") as f:
-                summaries.append(json.load(f))
-            previous = final
-            continue
-        summary = run_stage(recipe, i, mcfg, source, previous, world, log, resume, budget)
-        if summary is None:  # stopped early (stop_after_steps)
-            break
-        summaries.append(summary)
-        previous = final
-    log.close()
-    return summaries
+# --------------------------------------------------------------------------- the loop's steps
 
 
-def run_stage(recipe: Recipe, i: int, mcfg: ModelConfig, source: TokenSource, previous: str, world: World,
-              log: MetricsLogger, resume: bool, budget: list[int]) -> dict | None:
-    from transformers import AutoModelForCausalLM
-
-    stage = recipe.stages[i]
-    out = stage_dir(recipe, i)
-    where = f"{recipe.path}: [[stage]] {stage.name}"
-    mixture = stage_mixture(recipe, stage)
-    source.check_mixture(mixture)
-    micro = stage.micro_batch_size or max(1, stage.batch_size // world.size)
-    check_batching(stage, micro, world, where)
-
-    if previous:
-        hf = AutoModelForCausalLM.from_pretrained(previous, dtype=torch.float32)
-    else:
-        hf = build_model(mcfg, seed=recipe.run.seed)
-    if stage.rope_theta:
-        set_rope_theta(hf, stage.rope_theta)
-    if stage.seq_len > hf.config.max_position_embeddings:
-        hf.config.max_position_embeddings = stage.seq_len
-    model = CausalLM(hf).to(world.device)
-    parallelize(model, recipe.parallel, world)
-    optimizer = optimizer_for(model, recipe, lr_at(stage, 0), world.device)
-    data_cfg = DataConfig(shards_dir=recipe.run.shards, seq_len=stage.seq_len, batch_size=micro,
-                          seed=recipe.run.seed + 1000 * i, val_fraction=recipe.run.val_fraction,
-                          doc_masking=stage.doc_masking)
-    sampler = MixtureSampler(source, mixture, data_cfg, world.rank, world.size)
-    validator = Validator(source, stage, micro, world, recipe.run.tokenizer)
-    ckpt_root = os.path.join(out, "checkpoints")
-    resolved = {"model": dataclasses.asdict(mcfg), "stage": dataclasses.asdict(stage),
-                "parallel": dataclasses.asdict(recipe.parallel), "optimizer": dataclasses.asdict(recipe.optimizer),
-                "run": dataclasses.asdict(recipe.run), "mixture": mixture.weights}
-    step, tokens = 0, 0
-    if resume and (path := checkpoint.latest(ckpt_root, log.print)):
-        meta = checkpoint.load(path, model, optimizer, world, expected_model=dataclasses.asdict(mcfg))
-        step, tokens = meta["step"], meta["tokens"]
-        sampler.load_state_dict(meta["sampler"])
-        log.print(f"[{stage.name}] resumed from {path} (step {step}, {tokens:,} tokens)")
-    if world.main:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "recipe_resolved.json"), "w", encoding="utf-8") as f:
-            json.dump(resolved, f, indent=2)
-    metrics = MetricsLogger(os.path.join(out, "metrics.jsonl"), world.main,
-                            os.path.join(out, "tensorboard") if recipe.run.tensorboard else "")
-    n_params = num_params(hf)
-    fpt = flops_per_token(n_params, mcfg.num_layers, mcfg.hidden_size, stage.seq_len)
-    meter = Throughput(fpt, peak_flops(world.device), world.size)
-    log.print(f"[{stage.name}] {n_params / 1e6:.2f}M non-embedding parameters, {stage.tokens:,} tokens, "
-              f"seq_len {stage.seq_len}, mixture {mixture.weights}")
-
-    def save(step: int, tokens: int) -> str:
-        meta = {"tokens": tokens, "sampler": sampler.state_dict(), "config": resolved}
-        return checkpoint.save(ckpt_root, step, model, optimizer, meta, world, keep=stage.keep_checkpoints)
-
-    t_start, last_saved, losses = time.time(), step, []
-    model.train()
-    while tokens < stage.tokens:
-        if budget[0] is not None and budget[0] <= 0:
-            return None
-        batch_size = batch_size_at(stage, tokens)
-        accum = batch_size // (micro * world.size)
-        lr = lr_at(stage, tokens)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=world.device)
-        for _ in range(accum):
-            b = sampler.next_batch(micro).to(world.device)
-            with autocast(recipe.parallel, world, model):
-                loss = model(b.input_ids, b.labels, b.position_ids, b.segment_ids)
-            (loss / accum).backward()
-            loss_sum += loss.detach().float()
-        grad_norm = _clip(model, recipe.optimizer.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_tokens = batch_size * stage.seq_len
-        tokens += step_tokens
-        meter.add(step_tokens)
-        train_loss = all_reduce_mean(float(loss_sum) / accum, world)
-        losses.append(train_loss)
-        if budget[0] is not None:
-            budget[0] -= 1
-        record = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                  "train/tokens": tokens, "train/batch_size": batch_size}
-        done = tokens >= stage.tokens
-        if step % recipe.run.log_every == 0 or done:
-            record.update(meter.report())
-            record["perf/peak_memory_gb"] = peak_memory_gb(world.device)
-            record.update(sampler.metrics())
-            log.print(f"[{stage.name}] step {step} tokens {tokens:,}/{stage.tokens:,} loss {train_loss:.4f} "
-                      f"lr {lr:.2e} gnorm {grad_norm:.3f} {record['perf/tokens_per_s']:,.0f} tok/s"
-                      + (f" mfu {record['perf/mfu']:.1%}" if "perf/mfu" in record else "")
-                      + f" eta {eta(time.time() - t_start, tokens, stage.tokens)}")
-        if step % stage.eval_every == 0 or done:
-            val = validator.run(model, recipe.parallel)
-            record.update(val)
-            if val:
-                log.print(f"[{stage.name}] validation " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}"
-                                                                    for k, v in val.items()))
-        metrics.log(step, record)
-        if step % stage.checkpoint_every == 0 or done:
-            save(step, tokens)
-            last_saved = step
-    if last_saved != step:
-        save(step, tokens)
-    metrics.close()
-    if stage.average_last > 1:
-        paths = checkpoint.complete_checkpoints(ckpt_root, log.print)[-stage.average_last:]
-        checkpoint.average(paths, model, world)
-        log.print(f"[{stage.name}] averaged the last {len(paths)} checkpoints: "
-                  + ", ".join(os.path.basename(p) for p in paths))
-    final = os.path.join(out, "final")
-    summary = {"stage": stage.name, "steps": step, "tokens": tokens, "final_loss": losses[-1] if losses else None,
-               "averaged": stage.average_last if stage.average_last > 1 else 0, "final": final}
-    if stage.average_last > 1:
-        summary.update(validator.run(model, recipe.parallel))
-    export(model, final, recipe.run.tokenizer, world, summary)
-    log.print(f"[{stage.name}] exported {final}")
-    return summary
+def train_step(run: Run, stage: Stage) -> dict:
+    """One optimizer step of `batch_size` sequences, accumulated over micro-batches;
+    returns the step's metrics record."""
+    world, state = run.world, stage.state
+    batch_size = batch_size_at(stage.cfg, state.tokens)
+    accum = batch_size // (stage.micro * world.size)
+    lr = lr_at(stage.cfg, state.tokens)
+    for group in stage.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=world.device)
+    for _ in range(accum):
+        b = stage.sampler.next_batch(stage.micro).to(world.device)
+        with autocast(run.recipe.parallel, world):
+            loss = stage.model(b.input_ids, b.labels, b.position_ids, b.segment_ids)
+        (loss / accum).backward()
+        loss_sum += loss.detach().float()
+    grad_norm = clip_grad_norm(stage.model, run.recipe.optimizer.grad_clip)
+    stage.optimizer.step()
+    stage.optimizer.zero_grad(set_to_none=True)
+    step_tokens = batch_size * stage.cfg.seq_len
+    state.step += 1
+    state.tokens += step_tokens
+    state.last_loss = all_reduce_mean(float(loss_sum) / accum, world)
+    stage.meter.add(step_tokens)
+    run.steps_taken += 1
+    return {"train/loss": state.last_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+            "train/tokens": state.tokens, "train/batch_size": batch_size}
 
 
-def _clip(model, max_norm: float) -> float:
+def clip_grad_norm(model, max_norm: float) -> float:
+    """The global gradient norm, after clipping to `max_norm` (0 = measure only)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -285,8 +350,61 @@ def _clip(model, max_norm: float) -> float:
     return float(norm)
 
 
-def export(model, final: str, tokenizer_dir: str, world: World, summary: dict) -> None:
-    """The stage's weights as a Hugging Face directory, gathered to rank 0 under FSDP."""
+def progress(run: Run, stage: Stage, record: dict) -> dict:
+    """Throughput, memory and sampler metrics since the last report, and rank 0's progress line."""
+    state = stage.state
+    out = stage.meter.report()
+    out["perf/peak_memory_gb"] = peak_memory_gb(run.world.device)
+    out.update(stage.sampler.metrics())
+    run.log.print(f"[{stage.name}] step {state.step} tokens {state.tokens:,}/{stage.cfg.tokens:,} "
+                  f"loss {record['train/loss']:.4f} lr {record['train/lr']:.2e} "
+                  f"gnorm {record['train/grad_norm']:.3f} {out['perf/tokens_per_s']:,.0f} tok/s"
+                  + (f" mfu {out['perf/mfu']:.1%}" if "perf/mfu" in out else "")
+                  + f" eta {eta(time.time() - state.started, state.tokens, stage.cfg.tokens)}")
+    return out
+
+
+def validate(run: Run, stage: Stage) -> dict:
+    val = stage.validator.run(stage.model, run.recipe.parallel)
+    if val:
+        run.log.print(f"[{stage.name}] validation " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in val.items()))
+    return val
+
+
+def save_checkpoint(run: Run, stage: Stage) -> str:
+    state = stage.state
+    meta = {"tokens": state.tokens, "sampler": stage.sampler.state_dict(), "config": stage.resolved}
+    path = checkpoint.save(stage.paths.checkpoints, state.step, stage.model, stage.optimizer, meta, run.world,
+                           keep=stage.cfg.keep_checkpoints)
+    state.last_saved = state.step
+    return path
+
+
+# --------------------------------------------------------------------------- the stage's end
+
+
+def finish_stage(run: Run, stage: Stage) -> dict:
+    """Average the last checkpoints when the stage asks (annealing), export `final/`,
+    and return the stage's summary (also written as `final/kiln_stage.json`)."""
+    cfg, state = stage.cfg, stage.state
+    averaged = cfg.average_last if cfg.average_last > 1 else 0
+    if averaged:
+        paths = checkpoint.complete_checkpoints(stage.paths.checkpoints, run.log.print)[-averaged:]
+        checkpoint.average(paths, stage.model, run.world)
+        run.log.print(f"[{stage.name}] averaged the last {len(paths)} checkpoints: "
+                      + ", ".join(os.path.basename(p) for p in paths))
+    summary = {"stage": cfg.name, "steps": state.step, "tokens": state.tokens, "final_loss": state.last_loss,
+               "averaged": averaged, "final": stage.paths.final}
+    if averaged:  # the averaged weights are not the last step's: validate what is exported
+        summary.update(stage.validator.run(stage.model, run.recipe.parallel))
+    export(stage.model, stage.paths, run.recipe.run.tokenizer, run.world, summary)
+    run.log.print(f"[{stage.name}] exported {stage.paths.final}")
+    return summary
+
+
+def export(model, paths: StagePaths, tokenizer_dir: str, world: World, summary: dict) -> None:
+    """The stage's weights as a Hugging Face directory, gathered to rank 0 under FSDP,
+    then the summary that marks the stage finished."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -297,7 +415,7 @@ def export(model, final: str, tokenizer_dir: str, world: World, summary: dict) -
 
             hf = AutoModelForCausalLM.from_config(model.hf.config, dtype=torch.float32)
             hf.load_state_dict({k.removeprefix("hf."): v for k, v in full.items()})
-        save_hf(hf, final, tokenizer_dir)
-        with open(os.path.join(final, STAGE_DONE), "w", encoding="utf-8") as f:
+        save_hf(hf, paths.final, tokenizer_dir)
+        with open(paths.done, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     barrier(world)

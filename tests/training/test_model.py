@@ -1,14 +1,20 @@
 """The model file: presets, sliding-window attention, RoPE theta changes, document masking,
-activation checkpointing, and the learning-rate schedules."""
+the loss and the kernels parallelize() applies, activation checkpointing, and the
+learning-rate schedules."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kiln.config import ConfigError
+from kiln.kernels import KernelsConfig, linear_cross_entropy
+from kiln.training.distributed import World
 from kiln.training.model import CausalLM, ModelConfig, build_model, document_mask, resolve, set_rope_theta
-from kiln.training.parallelize import ParallelConfig, World, parallelize
+from kiln.training.parallelize import ParallelConfig, parallelize
 from kiln.training.recipe import StageConfig, batch_size_at, lr_at
 
 
@@ -61,6 +67,50 @@ def test_document_masking_equals_separate_documents():
             alone = model.hf.model(input_ids=d[None]).last_hidden_state[0]
             torch.testing.assert_close(hidden[start:start + len(d)], alone, rtol=1e-5, atol=1e-5)
             start += len(d)
+
+
+def test_parallelize_applies_the_kernels_table_on_cpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kiln.kernels.liger", None)  # a path routed to Liger would fail here
+    cfg = resolve(ModelConfig(preset="debug"), vocab_size=256)
+    model = CausalLM(build_model(cfg, seed=3))
+    parallelize(model, ParallelConfig(), World(), KernelsConfig(backend="auto", ce_chunk_size=8))
+    assert model.kernels == KernelsConfig(backend="reference", ce_chunk_size=8)  # "auto" off CUDA
+    assert model.hf.model.norm._get_name() == "LlamaRMSNorm"  # transformers' own modules
+    x = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = model(x[:, :-1], x[:, 1:])
+        hidden = model.hf.model(input_ids=x[:, :-1]).last_hidden_state
+        logits = model.hf(input_ids=x[:, :-1]).logits
+    # The loss is linear_cross_entropy of the decoder's hidden states, in the table's chunks...
+    direct = linear_cross_entropy(hidden.flatten(0, 1), model.hf.lm_head.weight, x[:, 1:].flatten(), chunk_size=8,
+                                  backend="reference")
+    torch.testing.assert_close(loss, direct, atol=0, rtol=0)
+    # ...which is transformers' cross-entropy of the full logits, to fp32 reassociation.
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()), atol=1e-5, rtol=1e-6)
+    with pytest.raises(ConfigError, match="'liger' needs CUDA, but this runs on cpu"):
+        parallelize(CausalLM(build_model(cfg)), ParallelConfig(), World(), KernelsConfig(backend="liger"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel needs a CUDA GPU")
+def test_parallelize_on_cuda_runs_liger(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    # Liger replaces these in transformers' module for the whole process; put them back after.
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    cfg = resolve(ModelConfig(preset="debug"), vocab_size=256)
+    world = World(device=torch.device("cuda", 0))
+    x = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0)).cuda()
+    reference = parallelize(CausalLM(build_model(cfg, seed=3)).cuda(), ParallelConfig(), world,
+                            KernelsConfig(backend="reference"))
+    with torch.no_grad():
+        want = reference(x[:, :-1], x[:, 1:])  # before Liger patches RoPE process-wide
+    fused = parallelize(CausalLM(build_model(cfg, seed=3)).cuda(), ParallelConfig(), world, KernelsConfig())
+    assert fused.kernels.backend == "liger"  # "auto" on CUDA with liger_kernel installed
+    assert fused.hf.model.norm._get_name() == "LigerRMSNorm"
+    with torch.no_grad():
+        got = fused(x[:, :-1], x[:, 1:])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # Liger-Kernel's own fp32 tolerance
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

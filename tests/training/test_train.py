@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kiln.config import ConfigError
 from kiln.training import recipe as recipes
-from kiln.training.train import train
+from kiln.training.cli import main as train_main
+from kiln.training.train import RunOptions, stage_paths, train
 from tests.conftest import STDLIB, docstrings, locale_sentences
 from tests.training.test_data import write_shards
 
@@ -24,7 +27,7 @@ GOLDEN = Path(__file__).parent.parent / "assets" / "losses" / "debug_cpu.json"
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Real text in three domains, tokenized with a tokenizer trained here."""
-    from kiln.curation.tokenize import load_tokenizer, train_tokenizer
+    from kiln.curation.tokenizer import load_tokenizer, train_tokenizer
 
     root = tmp_path_factory.mktemp("corpus")
     general = docstrings("argparse") + docstrings("textwrap") + docstrings("difflib") + docstrings("tarfile")
@@ -131,7 +134,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path, c
     reference = losses(tmp_path / "a" / "run" / "01_core")
     (tmp_path / "b").mkdir()
     cut = write_recipe(tmp_path / "b", corpus, CORE)
-    train(recipes.load(str(cut)), stop_after_steps=13)  # killed after step 13; the last checkpoint is step 10
+    # Killed after step 13: no stage finished, and the last checkpoint is step 10.
+    assert train(recipes.load(str(cut)), RunOptions(stop_after_steps=13)) == []
     ckpts = sorted(p.name for p in (tmp_path / "b" / "run" / "01_core" / "checkpoints").iterdir())
     assert ckpts == ["step-00000005", "step-00000010"]
     ckpt_dir = tmp_path / "b" / "run" / "01_core" / "checkpoints"
@@ -150,8 +154,13 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path, c
 def test_three_stages_export_a_hugging_face_model(corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    summaries = train(recipes.load(str(write_recipe(tmp_path, corpus, THREE))))
+    recipe = recipes.load(str(write_recipe(tmp_path, corpus, THREE)))
+    summaries = train(recipe)
     assert [s["stage"] for s in summaries] == ["core", "long", "anneal"]
+    paths = [stage_paths(recipe, i) for i in range(3)]  # what kiln mix run reads its proxies through
+    assert [p.root for p in paths] == [str(tmp_path / "run" / d) for d in ("01_core", "02_long", "03_anneal")]
+    assert [s["final"] for s in summaries] == [p.final for p in paths]
+    assert all(os.path.exists(p.done) and os.path.exists(p.metrics) for p in paths)
     assert [s["tokens"] for s in summaries] == [12_800, 4_096, 4_096]
     anneal = tmp_path / "run" / "03_anneal"
     assert sorted(p.name for p in (anneal / "checkpoints").iterdir())[-3:] == [
@@ -185,7 +194,7 @@ def test_fsdp2_on_two_cpu_processes_matches_one(corpus, tmp_path):
         assert sharded[step] == pytest.approx(single[step], rel=1e-4), step
 
 
-def test_bad_recipes_fail_at_start_with_the_reason(corpus, tmp_path):
+def test_bad_recipes_fail_at_start_with_the_reason(corpus, tmp_path, capsys):
     bad = write_recipe(tmp_path, corpus, CORE.replace("seq_len = 64", "seq_len = 64\nsequence = 1"))
     with pytest.raises(ConfigError, match=r"r.toml: \[\[stage\]\] #1: unknown key 'sequence'"):
         recipes.load(str(bad))
@@ -198,11 +207,25 @@ def test_bad_recipes_fail_at_start_with_the_reason(corpus, tmp_path):
     bad = write_recipe(tmp_path, corpus, CORE, model='preset = "debug"\nvocab_size = 256')
     with pytest.raises(ConfigError, match="512"):  # shards from a larger tokenizer than the model's vocabulary
         train(recipes.load(str(bad)))
+    bad = write_recipe(tmp_path, corpus, CORE + '\n[kernels]\nbackend = "triton"\n')
+    message = r"r.toml: \[kernels\] backend: unknown backend 'triton' \(known: auto, reference, liger\)"
+    with pytest.raises(ConfigError, match=message):
+        recipes.load(str(bad))
+    capsys.readouterr()
+    assert train_main([str(bad)]) == 2  # `python -m kiln.training`, what torchrun starts: the same message
+    assert re.search("kiln: error: .*" + message, capsys.readouterr().err)
+    bad = write_recipe(tmp_path, corpus, CORE + "\n[kernels]\nchunk = 8\n")
+    with pytest.raises(ConfigError, match=r"r.toml: \[kernels\]: unknown key 'chunk'"):
+        recipes.load(str(bad))
+    if not torch.cuda.is_available():
+        bad = write_recipe(tmp_path, corpus, CORE + '\n[kernels]\nbackend = "liger"\n')
+        with pytest.raises(ConfigError, match="'liger' needs CUDA, but this runs on cpu"):
+            train(recipes.load(str(bad)))
 
 
 def test_a_checkpoint_of_another_shape_is_refused(corpus, tmp_path):
     good = write_recipe(tmp_path, corpus, CORE)
-    train(recipes.load(str(good)), stop_after_steps=6)
+    train(recipes.load(str(good)), RunOptions(stop_after_steps=6))
     shutil.rmtree(tmp_path / "run" / "01_core" / "final", ignore_errors=True)
     wider = write_recipe(tmp_path, corpus, CORE, model='preset = "debug"\nhidden_size = 128')
     with pytest.raises(ConfigError, match=r"step-00000005: checkpoint of another model shape: hidden_size = 64, "

@@ -1,0 +1,58 @@
+"""`kiln train ...`: staged pretraining from a TOML recipe.
+
+    kiln train recipes/tiny_train.toml                                  one process (CPU or one GPU)
+    kiln train recipes/tiny_train.toml --output out/run2 --no-resume    override [run] output, start afresh
+    torchrun --standalone --nproc_per_node=2 -m kiln.training recipes/tiny_train.toml    FSDP2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = ("Train the stages of a recipe (core, long context, annealing) on token shards: each stage starts "
+               "from the previous one's weights, checkpoints with torch.distributed.checkpoint and exports a "
+               "Hugging Face model directory. Single process, or "
+               "`torchrun --nproc_per_node=N -m kiln.training RECIPE`.")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="staged pretraining from a TOML recipe (FSDP2 under torchrun)",
+                       description=DESCRIPTION)
+    add_arguments(p)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="training recipe TOML (see recipes/tiny_train.toml)")
+    p.add_argument("--output", help="override [run] output")
+    p.add_argument("--shards", help="override [run] shards")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start unfinished stages from scratch instead of their newest complete checkpoint")
+
+
+def run(args) -> int:
+    from kiln.training import recipe as recipes
+    from kiln.training.train import RunOptions, train
+
+    recipe = recipes.load(args.recipe)
+    if args.output:
+        recipe.run.output = args.output
+    if args.shards:
+        recipe.run.shards = args.shards
+    train(recipe, RunOptions(resume=not args.no_resume))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kiln.training RECIPE [options]`, what torchrun starts on every rank: the
+    `kiln train` command on its own, with `kiln`'s exit codes (2 for a bad recipe)."""
+    from kiln.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m kiln.training", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
