@@ -11,7 +11,7 @@ reproducing the uninterrupted run's losses.
     torchrun --standalone --nproc_per_node=2 -m kiln.training recipes/tiny_train.toml
 
 Read top to bottom: where a run writes (`stage_paths`), the run's options and state,
-`train` (every stage), `run_stage` (one stage's loop), then the loop's steps in the
+`train` (every stage), `train_stage` (one stage's loop), then the loop's steps in the
 order they run: set up, resume, one training step, progress, validation, checkpoint,
 average and export.
 """
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from kiln.config import ConfigError
-from kiln.formats.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, RESOLVED_RECIPE, STAGE_SUMMARY
+from kiln.formats.checkpoint import (CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, RESOLVED_RECIPE, STAGE_SUMMARY,
+                                    read_stage_summary)
 from kiln.formats.mixture import Mixture, load_mixture
 from kiln.training import checkpoint
 from kiln.training.data import DataConfig, MixtureSampler, TokenSource
@@ -120,7 +121,7 @@ class StageState:
 
 
 @dataclass
-class Stage:
+class TrainingStage:
     """One stage, set up: its config and paths, and the objects its loop drives."""
 
     cfg: StageConfig
@@ -154,10 +155,9 @@ def train(recipe: Recipe, options: RunOptions | None = None) -> list[dict]:
         paths = stage_paths(recipe, i)
         if os.path.exists(paths.done):
             run.log.print(f"[{stage_cfg.name}] finished earlier: {paths.final}")
-            with open(paths.done, encoding="utf-8") as f:
-                summaries.append(json.load(f))
+            summaries.append(read_stage_summary(paths.final))
         else:
-            summary = run_stage(run, i, previous)
+            summary = train_stage(run, i, previous)
             if summary is None:  # stopped (stop_after_steps)
                 break
             summaries.append(summary)
@@ -178,7 +178,7 @@ def start_run(recipe: Recipe, options: RunOptions) -> Run:
     return Run(recipe, options, world, source, model_cfg, log)
 
 
-def run_stage(run: Run, i: int, previous: str) -> dict | None:
+def train_stage(run: Run, i: int, previous: str) -> dict | None:
     """Train stage `i` from `previous` (the last stage's export; "" = fresh weights) to
     its token budget and export it; returns its summary, or None if the run was stopped."""
     stage = setup_stage(run, i, previous)
@@ -205,7 +205,7 @@ def run_stage(run: Run, i: int, previous: str) -> dict | None:
 # --------------------------------------------------------------------------- setting a stage up
 
 
-def setup_stage(run: Run, i: int, previous: str) -> Stage:
+def setup_stage(run: Run, i: int, previous: str) -> TrainingStage:
     """Mixture, model, optimizer, sampler and validator of stage `i`, resumed from its
     newest checkpoint when there is one (and `options.resume`)."""
     recipe, world, cfg = run.recipe, run.world, run.recipe.stages[i]
@@ -235,7 +235,7 @@ def setup_stage(run: Run, i: int, previous: str) -> Stage:
                        peak_flops(world.device), world.size)
     run.log.print(f"[{cfg.name}] {n_params / 1e6:.2f}M non-embedding parameters, {cfg.tokens:,} tokens, "
                   f"seq_len {cfg.seq_len}, mixture {mixture.weights}, {model.kernels.backend} kernels")
-    return Stage(cfg, paths, mixture, micro, model, optimizer, sampler, validator, resolved, state, metrics, meter)
+    return TrainingStage(cfg, paths, mixture, micro, model, optimizer, sampler, validator, resolved, state, metrics, meter)
 
 
 def stage_mixture(recipe: Recipe, stage: StageConfig) -> Mixture:
@@ -309,7 +309,7 @@ def resume(run: Run, stage: StageConfig, paths: StagePaths, model, optimizer, sa
 # --------------------------------------------------------------------------- the loop's steps
 
 
-def train_step(run: Run, stage: Stage) -> dict:
+def train_step(run: Run, stage: TrainingStage) -> dict:
     """One optimizer step of `batch_size` sequences, accumulated over micro-batches;
     returns the step's metrics record."""
     world, state = run.world, stage.state
@@ -350,7 +350,7 @@ def clip_grad_norm(model, max_norm: float) -> float:
     return float(norm)
 
 
-def progress(run: Run, stage: Stage, record: dict) -> dict:
+def progress(run: Run, stage: TrainingStage, record: dict) -> dict:
     """Throughput, memory and sampler metrics since the last report, and rank 0's progress line."""
     state = stage.state
     out = stage.meter.report()
@@ -364,14 +364,14 @@ def progress(run: Run, stage: Stage, record: dict) -> dict:
     return out
 
 
-def validate(run: Run, stage: Stage) -> dict:
+def validate(run: Run, stage: TrainingStage) -> dict:
     val = stage.validator.run(stage.model, run.recipe.parallel)
     if val:
         run.log.print(f"[{stage.name}] validation " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in val.items()))
     return val
 
 
-def save_checkpoint(run: Run, stage: Stage) -> str:
+def save_checkpoint(run: Run, stage: TrainingStage) -> str:
     state = stage.state
     meta = {"tokens": state.tokens, "sampler": stage.sampler.state_dict(), "config": stage.resolved}
     path = checkpoint.save(stage.paths.checkpoints, state.step, stage.model, stage.optimizer, meta, run.world,
@@ -383,7 +383,7 @@ def save_checkpoint(run: Run, stage: Stage) -> str:
 # --------------------------------------------------------------------------- the stage's end
 
 
-def finish_stage(run: Run, stage: Stage) -> dict:
+def finish_stage(run: Run, stage: TrainingStage) -> dict:
     """Average the last checkpoints when the stage asks (annealing), export `final/`,
     and return the stage's summary (also written as `final/kiln_stage.json`)."""
     cfg, state = stage.cfg, stage.state
