@@ -78,6 +78,22 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+def read_json(path: str | Path, what: str) -> dict:
+    """A small JSON object file (an index, a summary), or a ConfigError naming the path."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: {what} not found") from e
+    except ValueError as e:
+        raise ConfigError(f"{path}: {what} is not JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {what} is not a JSON object")
+    return data
+
+
 def load_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():

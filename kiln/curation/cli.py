@@ -76,43 +76,43 @@ def add_parser(sub) -> None:
                                         "precision/recall; writes MODEL.bin and MODEL.bin.json.")
     p.add_argument("--positives", nargs="+", required=True, metavar="PATH", help="JSONL/Parquet files of good documents")
     p.add_argument("--negatives", nargs="+", required=True, metavar="PATH", help="JSONL/Parquet files of other documents")
-    p.add_argument("--text-column", default="text", help="column with the document text")
-    p.add_argument("--output", required=True, metavar="MODEL.bin")
-    add_config_options(p, FastTextTrainConfig, FASTTEXT)
+    _trainer_options(p, "MODEL.bin", FastTextTrainConfig, FASTTEXT, label=None)
 
     p = commands.add_parser("train-domain", help="train a fastText multi-class classifier (domains or topics)",
                             description="Train a fastText classifier on labelled documents (a text and a label "
                                         "column), e.g. general/math/code, or topics for downsampling.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="JSONL/Parquet labelled documents")
-    p.add_argument("--text-column", default="text", help="column with the document text")
-    p.add_argument("--label-column", default="label", help="column with the class")
-    p.add_argument("--output", required=True, metavar="MODEL.bin")
-    add_config_options(p, FastTextTrainConfig, FASTTEXT)
+    _trainer_options(p, "MODEL.bin", FastTextTrainConfig, FASTTEXT, label="column with the class")
 
     p = commands.add_parser("train-scorer", help="train a small transformers classifier/regressor on labelled docs",
                             description="Train a sequence regressor (quality scores a larger model gave) or "
                                         "classifier with transformers, from scratch (a tiny config and a local "
                                         "tokenizer) or from a local checkpoint. CPU works; a GPU is used if present.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="JSONL/Parquet labelled documents")
-    p.add_argument("--text-column", default="text", help="column with the document text")
-    p.add_argument("--label-column", default="label", help="column with the score or class")
-    p.add_argument("--output", required=True, metavar="DIR")
-    add_config_options(p, ScorerTrainConfig, SCORER_TRAIN)
+    _trainer_options(p, "DIR", ScorerTrainConfig, SCORER_TRAIN, label="column with the score or class")
 
     p = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with tokenizers",
                             description="Byte-level BPE with EOS <|endoftext|> and the chat-format special tokens "
                                         "post-training needs; reads a bounded sample of documents on the driver.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="kiln stage directories, Parquet or JSONL files")
-    p.add_argument("--text-column", default="text", help="column with the document text")
-    p.add_argument("--output", required=True, metavar="DIR")
-    add_config_options(p, TokenizerTrainConfig, TOKENIZER_TRAIN)
+    _trainer_options(p, "DIR", TokenizerTrainConfig, TOKENIZER_TRAIN, label=None)
 
     p = commands.add_parser("sample", help="build the demo WARC from text on this machine",
                             description="Deterministically build the sample WARC used by `make demo`.")
     p.add_argument("--out", default="data/sample.warc.gz", help="output WARC path")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", metavar="DIR", help="also write the demo's labelled sets and evaluation sets here")
+
+
+def _trainer_options(p: argparse.ArgumentParser, output: str, config: type, section: str, label: str | None) -> None:
+    """What every train-* command takes besides its inputs: the columns, the output and
+    the trainer's config fields."""
+    p.add_argument("--text-column", default="text", help="column with the document text")
+    if label:
+        p.add_argument("--label-column", default="label", help=label)
+    p.add_argument("--output", required=True, metavar=output)
+    add_config_options(p, config, section)
 
 
 def _dedent(text: str) -> str:

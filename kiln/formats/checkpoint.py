@@ -13,10 +13,9 @@ the next stage, `kiln mix run`, an annealing probe).
 
 from __future__ import annotations
 
-import json
 import os
 
-from kiln.config import ConfigError
+from kiln.config import read_json
 
 CHECKPOINTS_DIR, FINAL_DIR = "checkpoints", "final"
 CHECKPOINT_PREFIX = "step-"
@@ -29,24 +28,11 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
-def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no {what} here") from e
-    except ValueError as e:
-        raise ConfigError(f"{path}: {what} is not JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: {what} is not a JSON object")
-    return data
-
-
 def read_checkpoint_meta(checkpoint_dir: str) -> dict:
     """A checkpoint's kiln_checkpoint.json: step, world size, tokens, scheduler and sampler state, config."""
-    return _read_json(os.path.join(checkpoint_dir, CHECKPOINT_META), "checkpoint metadata")
+    return read_json(os.path.join(checkpoint_dir, CHECKPOINT_META), "checkpoint metadata")
 
 
 def read_stage_summary(final_dir: str) -> dict:
     """An exported stage's kiln_stage.json: stage, steps, tokens, final loss, ..."""
-    return _read_json(os.path.join(final_dir, STAGE_SUMMARY), "stage summary")
+    return read_json(os.path.join(final_dir, STAGE_SUMMARY), "stage summary")

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from kiln.config import ConfigError
+from kiln.config import ConfigError, read_json
 
 SHARD_FORMAT, AVAILABILITY_FORMAT = "kiln-tokens-v1", "kiln-availability-v1"
 AVAILABILITY_FILE = "availability.json"
@@ -90,14 +90,8 @@ class ShardError(RuntimeError):
 
 
 def read_index(index_path: str) -> dict:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{index_path}: shard index not found") from e
-    except ValueError as e:
-        raise ConfigError(f"{index_path}: shard index is not JSON: {e}") from e
-    if not isinstance(index, dict) or index.get("format") != SHARD_FORMAT:
+    index = read_json(index_path, "shard index")
+    if index.get("format") != SHARD_FORMAT:
         raise ConfigError(f"{index_path}: not a {SHARD_FORMAT} shard index")
     return index
 
