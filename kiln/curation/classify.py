@@ -319,7 +319,7 @@ class DomainConfig:
     multilingual_domain: str = "multilingual"  # domain of documents whose lang is not in `languages` ("" = classify all)
     languages: list[str] = field(default_factory=lambda: ["en"])  # languages the model classifies
     topic_model: str = ""  # optional fastText topic classifier (adds `topic`)
-    topic_rates: dict = field(default_factory=dict)  # topic -> share of its documents kept (missing topics: 1.0)
+    topic_rates: dict[str, float] = field(default_factory=dict)  # topic -> share of its documents kept (missing topics: 1.0)
     seed: int = 0  # seed of the per-document downsampling draw
 
 
