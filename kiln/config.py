@@ -71,7 +71,20 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
             f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(fields))})"
         )
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(cls)}
+    for k, v in kwargs.items():
+        _check_sign(v, defaults[k], f"{where}.{k}")
     return cls(**kwargs)
+
+
+def _check_sign(value: Any, default: Any, where: str) -> None:
+    """Counts, sizes, thresholds and rates whose default is not negative cannot be set
+    negative: `timeout_s = -1.0` would otherwise drop every page as a timeout."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if number(value) and number(default) and default >= 0 and value < 0:
+        raise ConfigError(f"{where}: must not be negative, got {value!r}")
 
 
 def to_dict(obj: Any) -> dict:

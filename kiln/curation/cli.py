@@ -67,6 +67,7 @@ def add_parser(sub) -> None:
                    help="stop after this stage (e.g. dedup_lines, to train a tokenizer on its output; a later "
                         "full run reuses the finished stages)")
     p.add_argument("--write-dropped", action="store_true", help="override [pipeline] write_dropped")
+    _overwrite_option(p)
     _set_option(p)
     p.add_argument("--master", help="Spark master for a local run (default local[*])")
 
@@ -129,8 +130,15 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", metavar="TOML", help="take this stage's settings from a recipe's sections")
     p.add_argument("--write-dropped", action="store_true",
                    help="also write dropped documents with their drop_reason to OUT/dropped/")
+    _overwrite_option(p)
     _set_option(p)
     p.add_argument("--master", help="Spark master for a local run (default local[*]; ignored under spark-submit)")
+
+
+def _overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an output directory that holds something else: another stage's output or "
+                        "files kiln did not write (its docs/, dropped/ and stats.json are replaced)")
 
 
 def _set_option(p: argparse.ArgumentParser) -> None:
@@ -154,6 +162,8 @@ def recipe_for(args):
         pipeline["output"] = args.output
     if args.write_dropped:
         pipeline["write_dropped"] = True
+    if args.overwrite:
+        pipeline["overwrite"] = True
     if args.stage == "pipeline":
         pipeline["resume"] = not args.force
     else:
@@ -219,6 +229,8 @@ def run(args) -> int:
     from kiln.curation.spark import get_spark
 
     recipe = recipe_for(args)
+    stage_dirs = args.stage == "pipeline"
+    planned = pipeline.plan(recipe, stage_dirs)  # inputs, outputs and models checked before Spark starts
     spark = get_spark(f"kiln-{args.stage}", args.master)
-    pipeline.run(spark, recipe, stage_dirs=args.stage == "pipeline")
+    pipeline.run(spark, recipe, stage_dirs, planned=planned)
     return 0

@@ -102,7 +102,9 @@ def open_lines(path: str):
 
 
 def write_text(path: str, text: str) -> None:
-    with fsspec.open(path, "w") as f:
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.makedirs(fs._parent(root), exist_ok=True)
+    with fs.open(root, "w") as f:
         f.write(text)
 
 
@@ -114,6 +116,31 @@ def read_text(path: str) -> str:
 def exists(path: str) -> bool:
     fs, root = fsspec.core.url_to_fs(path)
     return fs.exists(root)
+
+
+def list_dir(path: str) -> list[str] | None:
+    """Names in a directory; None if `path` does not exist; a ConfigError if it is a file."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(root):
+        return None
+    if not fs.isdir(root):
+        raise ConfigError(f"{path}: exists and is not a directory")
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+
+
+def normalized(path: str) -> str:
+    """A path for comparing locations: absolute for local paths, without a trailing slash."""
+    if "://" in path and not path.startswith("file://"):
+        return path.rstrip("/")
+    import os
+
+    return os.path.abspath(path.removeprefix("file://"))
+
+
+def contains(outer: str, inner: str) -> bool:
+    """Whether `inner` is `outer` or lies inside it."""
+    a, b = normalized(outer), normalized(inner)
+    return a == b or b.startswith(a.rstrip("/") + "/")
 
 
 def remove(path: str) -> None:

@@ -30,7 +30,7 @@ from kiln.config import ConfigError, from_dict, load_toml
 from kiln.curation import paths
 from kiln.curation.readers import ReadConfig, read_raw
 from kiln.curation.registry import STAGES
-from kiln.curation.stage import Stage, completed_stage, run_stage
+from kiln.curation.stage import Stage, check_output, completed_stage, run_stage
 from kiln.formats import schema
 from kiln.formats.stats import StageStats, format_funnel
 
@@ -44,6 +44,7 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))  # stages to run, in order
     write_dropped: bool = False  # also write dropped documents, with their reason, to NN_stage/dropped/
     resume: bool = True  # reuse finished stages whose input and settings match
+    overwrite: bool = False  # write into output directories that hold something else (their kiln outputs are replaced)
 
 
 @dataclass
@@ -94,28 +95,54 @@ def _fingerprint(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def run(spark, recipe: CurationRecipe, stage_dirs: bool = True, log=None) -> list[StageStats]:
-    """Run the recipe's stages; `stage_dirs=False` writes a single stage straight to `output`."""
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+@dataclass
+class Plan:
+    """What a run will do, settled before Spark starts: the stages built from their
+    configs, where each writes, and the input files."""
+
+    stages: list[Stage]
+    out_dirs: list[str]
+    files: list[str]
+
+
+def plan(recipe: CurationRecipe, stage_dirs: bool = True) -> Plan:
+    """Check the recipe against the filesystem without starting Spark: inputs exist,
+    input and output do not contain each other, every stage's output directory is its
+    own (or --overwrite), and every stage can be built (models and word lists found)."""
     cfg = recipe.pipeline
     if not cfg.input:
         raise ConfigError("no input: set [pipeline] input or pass --input")
     if not cfg.output:
         raise ConfigError("no output: set [pipeline] output or pass --output")
-    configs = dict(recipe.stages)
-    if "tokenize" in cfg.stages and not configs["tokenize"].shards_dir:
-        i = cfg.stages.index("tokenize")
-        configs["tokenize"] = dataclasses.replace(
-            configs["tokenize"], shards_dir=paths.join(cfg.output, f"{i + 1:02d}_tokenize/shards" if stage_dirs else "shards"))
-    stages = [build_stage(name, configs[name]) for name in cfg.stages]  # fails before any Spark work
     files = paths.expand_inputs(cfg.input)
-    fingerprint = _fingerprint(*files, json.dumps(recipe.read.__dict__, sort_keys=True))
+    for given in [*cfg.input, *files]:
+        if paths.contains(given, cfg.output) or paths.contains(cfg.output, given):
+            raise ConfigError(f"input {given} and output {cfg.output} contain one another: a stage would "
+                              "overwrite what it reads; choose an output outside the input")
+    names = cfg.stages
+    out_dirs = [paths.join(cfg.output, f"{i + 1:02d}_{name}") if stage_dirs else cfg.output
+                for i, name in enumerate(names)]
+    for name, out_dir in zip(names, out_dirs):
+        check_output(out_dir, name, cfg.overwrite)
+    configs = dict(recipe.stages)
+    if "tokenize" in names and not configs["tokenize"].shards_dir:
+        configs["tokenize"] = dataclasses.replace(
+            configs["tokenize"], shards_dir=paths.join(out_dirs[names.index("tokenize")], "shards"))
+    return Plan(stages=[build_stage(name, configs[name]) for name in names], out_dirs=out_dirs, files=files)
+
+
+def run(spark, recipe: CurationRecipe, stage_dirs: bool = True, log=None, planned: Plan | None = None
+        ) -> list[StageStats]:
+    """Run the recipe's stages; `stage_dirs=False` writes a single stage straight to `output`."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    cfg = recipe.pipeline
+    planned = planned or plan(recipe, stage_dirs)
+    fingerprint = _fingerprint(*planned.files, json.dumps(recipe.read.__dict__, sort_keys=True))
     all_stats: list[StageStats] = []
     df = None
     previous = None
     reusing = cfg.resume
-    for i, stage in enumerate(stages):
-        out_dir = paths.join(cfg.output, f"{i + 1:02d}_{stage.name}") if stage_dirs else cfg.output
+    for i, (stage, out_dir) in enumerate(zip(planned.stages, planned.out_dirs)):
         fingerprint = _fingerprint(fingerprint, stage.fingerprint())
         done = completed_stage(spark, out_dir, fingerprint) if reusing else None
         if done is not None and not stage.outputs_intact():
@@ -128,7 +155,7 @@ def run(spark, recipe: CurationRecipe, stage_dirs: bool = True, log=None) -> lis
             reusing = False  # everything after a recomputed stage is recomputed too
             if df is None:
                 df = read_raw(spark, cfg.input, recipe.read) if stage.reads_raw and i == 0 else read_documents(spark, cfg.input)
-            result = run_stage(spark, stage, df, out_dir, cfg.write_dropped, fingerprint, log)
+            result = run_stage(spark, stage, df, out_dir, cfg.write_dropped, fingerprint, log, cfg.overwrite)
         all_stats.append(result.stats)
         if previous is not None:
             previous.unpersist()

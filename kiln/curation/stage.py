@@ -23,12 +23,14 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from kiln.config import ConfigError
 from kiln.curation import paths
 from kiln.curation.spark import spark_type
 from kiln.formats import schema
 from kiln.formats.stats import StageStats
 
 DOCS_DIR, DROPPED_DIR, STATS_FILE = "docs", "dropped", "stats.json"
+OWNER_FILE = ".kiln-stage"  # written first into a stage's output directory: the name of the stage that owns it
 
 
 class Stage:
@@ -175,7 +177,7 @@ class StageResult:
 
 
 def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
-              write_dropped: bool = False, fingerprint: str = "", log=None) -> StageResult:
+              write_dropped: bool = False, fingerprint: str = "", log=None, overwrite: bool = False) -> StageResult:
     """Run `stage` over `df` and account for it; with `out_dir`, write its outputs.
 
     With an output directory the stage runs once, in the write itself: every row goes
@@ -186,6 +188,8 @@ def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
     one (tests, notebooks) the output is persisted and counted with a groupBy.
     """
     log = log or _log
+    if out_dir:
+        check_output(out_dir, stage.name, overwrite)
     t0 = time.time()
     log(f"[{stage.name}] settings {json.dumps(stage.settings(), sort_keys=True, default=str)}")
     log(f"[{stage.name}] preparing")
@@ -218,10 +222,41 @@ def run_stage(spark: SparkSession, stage: Stage, df, out_dir: str | None,
 KEPT_PARTITION = f"{schema.DROP_REASON}=__HIVE_DEFAULT_PARTITION__"
 
 
+def output_owner(out_dir: str) -> str:
+    """The stage an output directory belongs to: its owner file, else its stats.json's
+    stage (outputs of earlier kiln versions); "" when neither says."""
+    if paths.exists(paths.join(out_dir, OWNER_FILE)):
+        return paths.read_text(paths.join(out_dir, OWNER_FILE)).strip()
+    if paths.exists(paths.join(out_dir, STATS_FILE)):
+        try:
+            return str(json.loads(paths.read_text(paths.join(out_dir, STATS_FILE))).get("stage", ""))
+        except (ValueError, AttributeError):
+            return ""
+    return ""
+
+
+def check_output(out_dir: str, stage_name: str, overwrite: bool = False) -> None:
+    """A stage writes only into a directory that is absent, empty, or an earlier output
+    of the same stage; anything else (another stage's output, the user's files) is
+    refused before anything is touched, unless `overwrite` says to replace it."""
+    entries = paths.list_dir(out_dir)
+    if not entries or overwrite:
+        return
+    owner = output_owner(out_dir)
+    if owner == stage_name:
+        return
+    what = (f"the output of the {owner!r} stage" if owner else
+            f"{len(entries)} entries that are not a kiln output ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
+    raise ConfigError(f"{out_dir}: holds {what}; refusing to write the {stage_name} stage there "
+                      "(choose an empty or new directory, or pass --overwrite to replace it)")
+
+
 def _write_outputs(spark: SparkSession, stage: Stage, result: DataFrame, out_dir: str,
                    write_dropped: bool) -> StageStats:
     from pyspark.sql import Observation
 
+    # Claimed before anything is removed: a relaunch after a crash finds the directory its own.
+    paths.write_text(paths.join(out_dir, OWNER_FILE), stage.name + "\n")
     staging = paths.join(out_dir, "_staging")
     # A stats.json left by an earlier run would vouch for outputs this run is replacing.
     paths.remove(paths.join(out_dir, STATS_FILE))

@@ -62,6 +62,9 @@ def test_set_is_checked_like_a_recipe(tmp_path, capsys):
     assert "options: [langid]: unknown key 'min_scor'" in capsys.readouterr().err
     assert main(["curate", "langid", "--input", "in", "--output", "out", "--set", "langid.min_score='high'"]) == 2
     assert "options: [langid].min_score: expected float, got 'high'" in capsys.readouterr().err
+    # a negative value where the default is not negative: every page would time out
+    assert main(["curate", "extract", "--input", "in", "--output", "out", "--timeout-s", "-1"]) == 2
+    assert "options: [extract].timeout_s: must not be negative, got -1.0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="expected SECTION.KEY=VALUE"):
         recipe_for(parse("langid", "--input", "in", "--output", "out", "--set", "min_score=0.3"))
     with pytest.raises(ConfigError, match=r"options: \[filter\]: disable: unknown filter 'gopher' "):

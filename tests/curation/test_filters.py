@@ -146,6 +146,31 @@ def test_unknown_filter_and_key_are_errors():
     assert specs["gopher_quality"].params == {"min_doc_words": 10} and not specs["gopher_quality"].enabled
 
 
+@pytest.mark.parametrize("table, message", [
+    # a string where the constructor's default is an int: every document would fail as gopher_quality_error
+    ({"gopher_quality": {"min_doc_words": "50"}},
+     "filter.gopher_quality.min_doc_words: expected int (the default is 50), got '50'"),
+    ({"gopher_quality": {"min_doc_words": 50.5}}, "filter.gopher_quality.min_doc_words: expected int"),
+    ({"c4_quality": {"filter_curly_bracket": 0}}, "filter.c4_quality.filter_curly_bracket: expected bool"),
+    ({"gopher_repetition": {"top_n_grams": 2}}, "filter.gopher_repetition.top_n_grams: expected list"),
+    ({"dirty_words": {"min_hits": -1}}, "filter.dirty_words.min_hits: must not be negative, got -1"),
+    ({"gopher_quality": {"max_symbol_word_ratio": 1.5}},
+     "filter.gopher_quality.max_symbol_word_ratio: expected a ratio between 0 and 1, got 1.5"),
+    ({"fineweb_quality": {"line_punct_thr": -0.1}},
+     "filter.fineweb_quality.line_punct_thr: expected a ratio between 0 and 1, got -0.1"),
+])
+def test_filter_arguments_are_checked_against_the_constructor_defaults(table, message):
+    with pytest.raises(ConfigError) as e:
+        filter_specs(table)
+    assert str(e.value).startswith(message)
+
+
+def test_accepted_filter_arguments():
+    specs = {s.key: s for s in filter_specs({"gopher_quality": {"max_non_alpha_words_ratio": 0.6},
+                                             "token_kl": {"max_kl": 4}, "c4_quality": {"filter_curly_bracket": False}})}
+    assert specs["token_kl"].params == {"max_kl": 4} and specs["gopher_quality"].params == {"max_non_alpha_words_ratio": 0.6}
+
+
 # ----------------------------------------------------------------- Spark == datatrove
 
 def _corpus() -> list[Document]:

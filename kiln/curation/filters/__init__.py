@@ -75,12 +75,14 @@ def filter_specs(table: dict | None = None) -> list[FilterSpec]:
         if not isinstance(languages, list):
             raise ConfigError(f"filter.{key}.languages: expected a list of language codes, got {languages!r}")
         cls = FILTERS[key][0]()
-        accepted = set(inspect.signature(cls.__init__).parameters) - _RESERVED
-        for name in opts:
+        parameters = inspect.signature(cls.__init__).parameters
+        accepted = set(parameters) - _RESERVED
+        for name, value in opts.items():
             if name not in accepted:
                 raise ConfigError(
                     f"filter.{key}: unknown key {name!r} (known: enabled, languages, {', '.join(sorted(accepted))})"
                 )
+            check_param(f"filter.{key}.{name}", value, parameters[name].default)
         spec = FilterSpec(key, enabled, languages, opts)
         try:
             spec.build()
@@ -118,6 +120,35 @@ class FilterConfig:
             table = tables.get(name) or {}
             tables[name] = {**(table if isinstance(table, dict) else {}), "enabled": False}
         return filter_specs(tables)
+
+
+def check_param(where: str, value, default) -> None:
+    """A filter argument must have its default's type, and a number its range: a filter
+    given `min_doc_words = "50"` would otherwise fail on every document and drop them all
+    with an error reason. Thresholds whose default is not negative cannot be negative;
+    ratios and fractions whose default lies in [0, 1] stay there."""
+    if default is inspect.Parameter.empty or default is None:
+        return  # no default to learn from; the constructor checks
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = number and isinstance(value, int)
+    elif isinstance(default, float):
+        ok = number
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        kind = "list" if isinstance(default, (list, tuple)) else type(default).__name__
+        raise ConfigError(f"{where}: expected {kind} (the default is {default!r}), got {value!r}")
+    if number and not isinstance(default, bool) and isinstance(default, (int, float)):
+        name = where.rsplit(".", 1)[-1]
+        if ("ratio" in name or "frac" in name or name.endswith("_thr")) and 0 <= default <= 1 and not 0 <= value <= 1:
+            raise ConfigError(f"{where}: expected a ratio between 0 and 1, got {value!r}")
+        if default >= 0 and value < 0:
+            raise ConfigError(f"{where}: must not be negative, got {value!r}")
 
 
 class FilterStage(Stage):
