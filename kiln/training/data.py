@@ -57,10 +57,12 @@ import numpy as np
 import torch
 
 from kiln.config import ConfigError
+from kiln.formats.hashing import content_sha256
 from kiln.formats.mixture import Mixture, load_mixture
 from kiln.formats.shards import domain_dirname, load_shard, shard_indexes
 
 SAMPLER_FORMAT = "kiln-sampler-v1"
+TOKENIZER_FILE = "tokenizer.json"  # the file whose sha256 the shards record (kiln.curation.tokenizer writes it)
 # A domain's held-out share is capped at half its documents: a minimum that would take
 # more is a configuration mistake on a tiny domain, and training must keep documents.
 MAX_VAL_SHARE = 0.5
@@ -340,6 +342,17 @@ class TokenSource:
             path = next(iter(self._domains.values())).index_files[0]
             raise ConfigError(f"{path}: shard from a tokenizer with {self.vocab_size} tokens; "
                               f"the model has {model_vocab_size}")
+
+    def check_tokenizer(self, tokenizer_file: str, where: str) -> None:
+        """`tokenizer_file` must be the tokenizer.json the shards were written with (its
+        sha256 is in every index): with another, bits per byte decode the shards' ids
+        into other text, and the exported model ships a tokenizer it was not trained on."""
+        digest = content_sha256(tokenizer_file)
+        if digest != self.tokenizer_hash:
+            index = next(iter(self._domains.values())).index_files[0]
+            raise ConfigError(f"{where}: [run] tokenizer {tokenizer_file} has sha256 {digest}, but the shards were "
+                              f"tokenized with {self.tokenizer_hash} ({index} tokenizer_hash): bits per byte and the "
+                              "exported model need the shards' tokenizer")
 
     def check_mixture(self, mixture: Mixture) -> None:
         for name in mixture.active():

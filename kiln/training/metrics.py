@@ -50,6 +50,29 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keep the records of steps up to `last_step` in the JSONL log at `path`: a stage
+    resumed from its checkpoint at `last_step` logs the later steps again, and each step
+    must appear once. The kept records go to a temporary file renamed over the log, so a
+    kill here leaves the old log or the new one, never half of either. A line that is not
+    JSON can only be the last one, torn by a kill mid-write: it goes too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     def __init__(self, path: str | None, main: bool, tensorboard_dir: str = "", stream=None):
         self.main = main

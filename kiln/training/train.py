@@ -31,9 +31,10 @@ from kiln.formats.checkpoint import (CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, R
                                     read_stage_summary)
 from kiln.formats.mixture import Mixture, load_mixture
 from kiln.training import checkpoint
-from kiln.training.data import DataConfig, MixtureSampler, TokenSource
+from kiln.training.data import TOKENIZER_FILE, DataConfig, MixtureSampler, TokenSource
 from kiln.training.distributed import World, all_reduce_mean, barrier, init_distributed
-from kiln.training.metrics import MetricsLogger, Throughput, eta, flops_per_token, peak_flops, peak_memory_gb
+from kiln.training.metrics import (MetricsLogger, Throughput, eta, flops_per_token, peak_flops, peak_memory_gb,
+                                  truncate_metrics)
 from kiln.training.model import CausalLM, ModelConfig, build_model, num_params, resolve, save_hf, set_rope_theta
 from kiln.training.parallelize import autocast, parallelize
 from kiln.training.recipe import Recipe, StageConfig, batch_size_at, lr_at
@@ -101,6 +102,7 @@ class Run:
     world: World
     source: TokenSource  # the token shards, opened once
     model_cfg: ModelConfig  # the recipe's [model] with its preset and vocabulary resolved
+    tokenizer: str  # the [run] tokenizer's directory, checked against the shards ("" = none)
     log: MetricsLogger  # rank 0's progress lines
     steps_taken: int = 0  # optimizer steps taken by this process, over all stages
 
@@ -172,10 +174,31 @@ def start_run(recipe: Recipe, options: RunOptions) -> Run:
     source = TokenSource(recipe.run.shards, recipe.run.val_fraction)
     model_cfg = resolve(recipe.model, vocab_size=source.vocab_size, where=f"{recipe.path}: [model]")
     source.check_vocab(model_cfg.vocab_size)
+    tokenizer = tokenizer_dir(recipe, source)
     log = MetricsLogger(None, world.main)
     log.print(f"kiln train {recipe.path}: {len(recipe.stages)} stage(s), {world.size} process(es) on {world.device}")
     log.print("resolved model: " + json.dumps(dataclasses.asdict(model_cfg)))
-    return Run(recipe, options, world, source, model_cfg, log)
+    return Run(recipe, options, world, source, model_cfg, tokenizer, log)
+
+
+def tokenizer_dir(recipe: Recipe, source: TokenSource) -> str:
+    """The directory of the `[run] tokenizer` (given as the directory, or as its
+    tokenizer.json), once its tokenizer.json is the one the shards were written with:
+    validation decodes with it and the export copies it beside the model."""
+    path, where = recipe.run.tokenizer, recipe.path
+    if not path:
+        return ""
+    if os.path.isdir(path):
+        directory, file = path, os.path.join(path, TOKENIZER_FILE)
+        if not os.path.isfile(file):
+            raise ConfigError(f"{where}: [run] tokenizer {path}: no {TOKENIZER_FILE} there")
+    elif os.path.isfile(path) and os.path.basename(path) == TOKENIZER_FILE:
+        directory, file = os.path.dirname(path), path
+    else:
+        raise ConfigError(f"{where}: [run] tokenizer {path}: not a directory holding {TOKENIZER_FILE}, nor such a "
+                          "file")
+    source.check_tokenizer(file, where)
+    return directory
 
 
 def train_stage(run: Run, i: int, previous: str) -> dict | None:
@@ -219,7 +242,7 @@ def setup_stage(run: Run, i: int, previous: str) -> TrainingStage:
                           seed=recipe.run.seed + 1000 * i, val_fraction=recipe.run.val_fraction,
                           doc_masking=cfg.doc_masking)
     sampler = MixtureSampler(run.source, mixture, data_cfg, world.rank, world.size)
-    validator = Validator(run.source, cfg, micro, world, recipe.run.tokenizer)
+    validator = Validator(run.source, cfg, micro, world, run.tokenizer)
     paths = stage_paths(recipe, i)
     resolved = resolved_config(run, cfg, model, mixture)
     state = StageState()
@@ -229,6 +252,7 @@ def setup_stage(run: Run, i: int, previous: str) -> TrainingStage:
         os.makedirs(paths.root, exist_ok=True)
         with open(paths.resolved_recipe, "w", encoding="utf-8") as f:
             json.dump(resolved, f, indent=2)
+        truncate_metrics(paths.metrics, state.step)  # the steps after the checkpoint are logged again
     metrics = MetricsLogger(paths.metrics, world.main, paths.tensorboard if recipe.run.tensorboard else "")
     n_params = num_params(model.hf)
     meter = Throughput(flops_per_token(n_params, run.model_cfg.num_layers, run.model_cfg.hidden_size, cfg.seq_len),
@@ -397,7 +421,7 @@ def finish_stage(run: Run, stage: TrainingStage) -> dict:
                "averaged": averaged, "final": stage.paths.final}
     if averaged:  # the averaged weights are not the last step's: validate what is exported
         summary.update(stage.validator.run(stage.model, run.recipe.parallel))
-    export(stage.model, stage.paths, run.recipe.run.tokenizer, run.world, summary)
+    export(stage.model, stage.paths, run.tokenizer, run.world, summary)
     run.log.print(f"[{stage.name}] exported {stage.paths.final}")
     return summary
 

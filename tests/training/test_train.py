@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from kiln.training import recipe as recipes
 from kiln.training.cli import main as train_main
 from kiln.training.train import RunOptions, stage_paths, train
 from tests.conftest import STDLIB, docstrings, locale_sentences
+from tests.training.test_checkpoint import DAMAGES, MakeDirectory, damage_file
 from tests.training.test_data import write_shards
 
 GOLDEN = Path(__file__).parent.parent / "assets" / "losses" / "debug_cpu.json"
@@ -231,3 +233,107 @@ def test_a_checkpoint_of_another_shape_is_refused(corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"step-00000005: checkpoint of another model shape: hidden_size = 64, "
                                           r"the recipe's model has 128"):
         train(recipes.load(str(wider)))
+
+
+# --------------------------------------------------------------------------- the shards' tokenizer, damaged checkpoints, a resumed log
+
+
+def records(stage_dir: Path) -> list[dict]:
+    """Every record of metrics.jsonl, in file order."""
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def numbers(record: dict) -> dict:
+    """A record without its wall-clock parts: what a reproduced step must repeat exactly."""
+    return {k: v for k, v in record.items() if k != "time" and not k.startswith("perf/")}
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> list[dict]:
+    """metrics.jsonl of the uninterrupted CORE stage."""
+    root = tmp_path_factory.mktemp("reference")
+    train(recipes.load(str(write_recipe(root, corpus, CORE))))
+    return records(root / "run" / "01_core")
+
+
+@pytest.fixture(scope="module")
+def interrupted(corpus, tmp_path_factory) -> Path:
+    """A CORE run killed after step 13: checkpoints at steps 5 and 10, metrics to step 13."""
+    root = tmp_path_factory.mktemp("interrupted")
+    assert train(recipes.load(str(write_recipe(root, corpus, CORE))), RunOptions(stop_after_steps=13)) == []
+    return root / "run"
+
+
+def resume_copy(interrupted: Path, tmp_path: Path, corpus: Path) -> Path:
+    shutil.copytree(interrupted, tmp_path / "run")
+    return write_recipe(tmp_path, corpus, CORE)
+
+
+def test_a_tokenizer_other_than_the_shards_is_refused_before_training(corpus, tmp_path):
+    from kiln.curation.tokenizer import load_tokenizer, train_tokenizer
+
+    other = tmp_path / "other_tok"
+    train_tokenizer(docstrings("argparse") + docstrings("difflib"), str(other), vocab_size=1000)
+    mine, shards = load_tokenizer(str(other)).hash, load_tokenizer(str(corpus / "tok")).hash
+    assert mine != shards
+    text = recipe_text(corpus, tmp_path / "run", CORE)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace(str(corpus / "tok"), str(other)))
+    index = corpus / "shards" / "code" / "part-00000.json"
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{bad}: [run] tokenizer {other / 'tokenizer.json'} has sha256 {mine}, but the shards were tokenized "
+            f"with {shards} ({index} tokenizer_hash): bits per byte and the exported model need the shards' "
+            "tokenizer") + "$"):
+        train(recipes.load(str(bad)))
+    assert not (tmp_path / "run").exists()  # refused before any stage started
+    empty = tmp_path / "empty_tok"
+    empty.mkdir()
+    bad.write_text(text.replace(str(corpus / "tok"), str(empty)))
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: [run] tokenizer {empty}: no tokenizer.json there") + "$"):
+        train(recipes.load(str(bad)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_json_file_stands_for_its_directory(corpus, tmp_path, reference):
+    ok = tmp_path / "file.toml"
+    ok.write_text(recipe_text(corpus, tmp_path / "run", CORE).replace(
+        str(corpus / "tok"), str(corpus / "tok" / "tokenizer.json")))
+    train(recipes.load(str(ok)), RunOptions(stop_after_steps=10))
+    got = records(tmp_path / "run" / "01_core")
+    assert "val/general/bpb" in got[9]  # validation decoded the targets with it
+    assert [numbers(r) for r in got] == [numbers(r) for r in reference[:10]]
+
+
+@pytest.mark.parametrize("damage", [*DAMAGES, "crafted .metadata"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path, capsys, interrupted, reference,
+                                                                     damage):
+    recipe = resume_copy(interrupted, tmp_path, corpus)
+    ckpt = tmp_path / "run" / "01_core" / "checkpoints" / "step-00000010"
+    ran = tmp_path / "payload-ran"
+    if damage == "crafted .metadata":  # DCP unpickles .metadata: this one would create `ran`
+        listed = (ckpt / ".metadata").stat().st_size
+        (ckpt / ".metadata").write_bytes(pickle.dumps(MakeDirectory(ran)))
+        problem = f".metadata is {(ckpt / '.metadata').stat().st_size} bytes, the manifest says {listed}"
+    else:
+        problem = damage_file(ckpt, damage)
+    capsys.readouterr()
+    train(recipes.load(str(recipe)))
+    err = capsys.readouterr().err
+    assert f"warning: {ckpt}: damaged checkpoint ({problem}), skipped\n" in err
+    assert f"resumed from {ckpt.parent / 'step-00000005'} (step 5, 2,560 tokens)\n" in err
+    assert not ran.exists()
+    got = records(tmp_path / "run" / "01_core")
+    assert [r["step"] for r in got] == list(range(1, 26))
+    assert [numbers(r) for r in got] == [numbers(r) for r in reference]
+
+
+def test_a_resumed_run_logs_every_step_once(corpus, tmp_path, capsys, interrupted, reference):
+    recipe = resume_copy(interrupted, tmp_path, corpus)
+    assert [r["step"] for r in records(tmp_path / "run" / "01_core")] == list(range(1, 14))
+    capsys.readouterr()
+    train(recipes.load(str(recipe)))
+    assert "step-00000010 (step 10, 5,120 tokens)" in capsys.readouterr().err
+    got = records(tmp_path / "run" / "01_core")
+    assert [r["step"] for r in got] == list(range(1, 26))  # 11..13, logged before the kill, once
+    assert [numbers(r) for r in got] == [numbers(r) for r in reference]
+    assert not list((tmp_path / "run" / "01_core").glob(".*"))  # no temporary file left beside it
