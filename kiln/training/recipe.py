@@ -29,6 +29,7 @@ class RunConfig:
     output: str = ""  # run directory: one NN_<stage>/ per stage (checkpoints/, final/, metrics.jsonl)
     shards: str = ""  # token shards directory (kiln curate tokenize; holds availability.json)
     tokenizer: str = ""  # tokenizer directory copied into exported models (optional)
+    init: str = ""  # a Hugging Face model directory (safetensors) the first stage starts from; "" = fresh weights
     seed: int = 0  # model init and data order
     val_fraction: float = 0.01  # held-out share of each domain's documents for validation loss / bpb
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)

@@ -152,7 +152,7 @@ def train(recipe: Recipe, options: RunOptions | None = None) -> list[dict]:
     earlier launch included). A run ended by `options.stop_after_steps` returns the
     summaries of the stages it finished."""
     run = start_run(recipe, options or RunOptions())
-    summaries, previous = [], ""
+    summaries, previous = [], recipe.run.init
     for i, stage_cfg in enumerate(recipe.stages):
         paths = stage_paths(recipe, i)
         if os.path.exists(paths.done):
@@ -281,12 +281,22 @@ def check_batching(stage: StageConfig, micro: int, world: World, where: str) -> 
 
 
 def stage_model(run: Run, stage: StageConfig, previous: str) -> CausalLM:
-    """The previous stage's export (or fresh weights), with this stage's RoPE base and
-    context, on the device, with the recipe's kernels and parallelism applied."""
+    """The previous stage's export, `[run] init` for the first stage, or fresh weights,
+    with this stage's RoPE base and context, on the device, with the recipe's kernels and
+    parallelism applied. Exports are read from safetensors only, never unpickled: weights
+    from elsewhere enter a run this way, not as a checkpoint directory (DCP's index is a
+    pickle, trusted input)."""
     from transformers import AutoModelForCausalLM
 
     if previous:
-        hf = AutoModelForCausalLM.from_pretrained(previous, dtype=torch.float32)
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(previous, dtype=torch.float32, use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{previous}: not a Hugging Face model directory with safetensors weights "
+                              f"({str(e).splitlines()[0][:200]})") from e
+        if hf.config.vocab_size != run.model_cfg.vocab_size:
+            raise ConfigError(f"{previous}: its vocabulary has {hf.config.vocab_size} tokens, the run's "
+                              f"{run.model_cfg.vocab_size} (the shards')")
     else:
         hf = build_model(run.model_cfg, seed=run.recipe.run.seed)
     if stage.rope_theta:

@@ -337,3 +337,31 @@ def test_a_resumed_run_logs_every_step_once(corpus, tmp_path, capsys, interrupte
     assert [r["step"] for r in got] == list(range(1, 26))  # 11..13, logged before the kill, once
     assert [numbers(r) for r in got] == [numbers(r) for r in reference]
     assert not list((tmp_path / "run" / "01_core").glob(".*"))  # no temporary file left beside it
+
+
+def test_run_init_starts_from_a_safetensors_export_and_nothing_else(corpus, tmp_path):
+    """`[run] init`: the first stage starts from a Hugging Face export, read from
+    safetensors only. With lr 0 the stage changes nothing, so its export equals the init."""
+    from safetensors.torch import load_file
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "init").mkdir()
+    train(recipes.load(str(write_recipe(tmp_path / "base", corpus, CORE))))
+    init = tmp_path / "base" / "run" / "01_core" / "final"
+    frozen = CORE.replace('name = "core"', 'name = "frozen"').replace("lr = 3e-3", "lr = 0.0").replace(
+        "tokens = 12_800", "tokens = 1_024")
+    recipe = write_recipe(tmp_path / "init", corpus, frozen)
+    recipe.write_text(recipe.read_text().replace("seed = 0", f'seed = 0\ninit = "{init}"'))
+    train(recipes.load(str(recipe)))
+    before = load_file(str(init / "model.safetensors"))
+    after = load_file(str(tmp_path / "init" / "run" / "01_frozen" / "final" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    pickled = tmp_path / "pickled"  # the same model as a pickle: refused, never loaded
+    shutil.copytree(init, pickled)
+    torch.save(before, pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    recipe.write_text(recipe.read_text().replace(str(init), str(pickled)).replace('"frozen"', '"again"'))
+    with pytest.raises(ConfigError, match=f"{pickled}: not a Hugging Face model directory with safetensors weights"):
+        train(recipes.load(str(recipe)))
