@@ -80,7 +80,8 @@ DATATROVE_FILTERS = {
 }
 
 # Reasons the reader (not extraction) gives; rows with these never reach trafilatura.
-READER_DROPS = {"not_html", "http_not_ok", "html_too_large", "empty_page", "bad_record", "truncated_record"}
+READER_DROPS = {"not_html", "http_not_ok", "html_too_large", "empty_page", "bad_record", "truncated_record",
+                "not_warc", "bad_html_type", "bad_text_type"}
 
 
 @dataclass

@@ -69,7 +69,8 @@ def add_parser(sub) -> None:
     p.add_argument("--write-dropped", action="store_true", help="override [pipeline] write_dropped")
     _overwrite_option(p)
     _set_option(p)
-    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    p.add_argument("--master", help="Spark master for a local run (default local[*,4]: every core, 4 tries "
+                                    "per task; local[N] never retries a failed task)")
 
     p = commands.add_parser("train-quality", help="train the fastText quality classifier (positives vs negatives)",
                             description="Train a fastText classifier of positive (e.g. pages referenced by "
@@ -132,7 +133,8 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
                    help="also write dropped documents with their drop_reason to OUT/dropped/")
     _overwrite_option(p)
     _set_option(p)
-    p.add_argument("--master", help="Spark master for a local run (default local[*]; ignored under spark-submit)")
+    p.add_argument("--master", help="Spark master for a local run (default local[*,4]: every core, 4 tries per "
+                                    "task; ignored under spark-submit)")
 
 
 def _overwrite_option(p: argparse.ArgumentParser) -> None:

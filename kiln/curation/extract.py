@@ -5,20 +5,30 @@ cChardet's guess, each tried strictly; a page none of them decodes is dropped as
 `undecodable`. trafilatura runs in datatrove's `ExtractorSandbox`, a child process
 per Spark task that is killed and restarted when a page takes longer than the
 timeout: regex backtracking inside lxml or `re` cannot be interrupted in-process.
+The child dies with its Python worker: an orphan would keep the worker's socket to
+the JVM open, and Spark would wait for that task forever.
 """
 
 from __future__ import annotations
 
 import codecs
+import ctypes
 import functools
+import multiprocessing
+import os
 import re
+import signal
+import sys
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+from datatrove.pipeline.extractors.base import ExtractorSandbox
 
+from kiln.config import ConfigError
 from kiln.formats import schema
 from kiln.curation.stage import Stage, columns, output_schema, set_columns
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 META_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
 MIN_DETECT_CONFIDENCE = 0.5
 
@@ -31,6 +41,11 @@ class ExtractConfig:
     include_comments: bool = False  # trafilatura: keep user comment sections
     include_tables: bool = True  # trafilatura: keep table text
     deduplicate: bool = False  # trafilatura: drop repeated segments within a page
+
+    def __post_init__(self):
+        # 0 or less would drop every page as extract_timeout.
+        if self.timeout_s <= 0:
+            raise ConfigError(f"extract.timeout_s must be greater than 0, got {self.timeout_s}")
 
     def trafilatura_kwargs(self) -> dict:
         d = asdict(self)
@@ -85,6 +100,31 @@ def extract_main_content(html: str, url: str | None = None, **options) -> tuple[
     return doc.text, doc.title
 
 
+class Sandbox(ExtractorSandbox):
+    """datatrove's ExtractorSandbox whose child is killed when the process that forked
+    it dies, even by SIGKILL (an executor lost, the kernel's OOM killer). The death signal
+    follows the forking thread, not the process: use a sandbox from one thread."""
+
+    def _ensure_process(self, extract_fn):
+        # Under fork the child's parent is this process; under forkserver it is the server.
+        self._fork_parent = os.getpid() if multiprocessing.get_start_method() == "fork" else None
+        super()._ensure_process(extract_fn)
+
+    def _worker(self, conn, extract_fn):
+        _die_with_parent(self._fork_parent)
+        super()._worker(conn, extract_fn)
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """In a child: SIGKILL when the parent dies (Linux); exit now if it died already."""
+    if not sys.platform.startswith("linux"):
+        return  # no prctl outside Linux
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    # A parent killed between fork and prctl sent no signal; the orphan was re-parented.
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
 class ExtractStage(Stage):
     """HTML (WARC / JSONL / Parquet) to main-content text with trafilatura.
 
@@ -110,12 +150,11 @@ class ExtractStage(Stage):
 
     def process_partition(self, batches):
         import trafilatura  # noqa: F401 - imported before the sandbox forks, so the child starts warm
-        from datatrove.pipeline.extractors.base import ExtractorSandbox
         from loguru import logger
 
         logger.disable("datatrove")  # the sandbox logs at INFO on every exit
         # One sandbox child for the whole partition: a fresh fork per batch starts cold.
-        with ExtractorSandbox(timeout=self.cfg.timeout_s) as sandbox:
+        with Sandbox(timeout=self.cfg.timeout_s) as sandbox:
             for batch in batches:
                 yield self.extract_batch(batch, sandbox)
 

@@ -4,12 +4,18 @@ Each input file is read by one Spark task (`mapInArrow` over a one-row-per-file
 table), so reading is parallel across files and nothing is collected to the
 driver. Damaged input never stops a job: a corrupt gzip member becomes one row
 dropped as `bad_record` and reading resumes at the next member; a file cut short
-ends with one `truncated_record` row; non-HTML responses are `not_html`.
+ends with one `truncated_record` row; a file in which no WARC record is found is one
+`not_warc` row; non-HTML responses are `not_html`. A JSONL or Parquet value that is
+not a string (a number, a list, an object) is dropped as `bad_html_type` or
+`bad_text_type`, never turned into a document by `str()`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import re
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterator
@@ -25,6 +31,10 @@ HTML_TYPES = ("text/html", "application/xhtml+xml")
 BATCH_ROWS = 256
 GZIP_MAGIC = b"\x1f\x8b\x08"
 WARC_MAGIC = b"WARC/1."
+# Compressed bytes inflated at a time in a one-member gzip: what a corrupt block costs,
+# besides everything after it (zlib gives nothing of a call that fails).
+INFLATE_CHUNK = 1 << 13
+FORMATS = ("auto", "warc", "jsonl", "parquet")
 
 
 @dataclass
@@ -37,6 +47,14 @@ class ReadConfig:
     id_column: str = ""  # JSONL/Parquet column with a stable id; hashed from url+date+content when empty
     max_html_bytes: int = 2_000_000  # larger pages are dropped as html_too_large without being held in memory
     partitions: int = 0  # partitions after reading; 0 = 2 x default parallelism when files are fewer
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ConfigError(f"read.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.max_html_bytes <= 0:
+            raise ConfigError(f"read.max_html_bytes must be greater than 0, got {self.max_html_bytes}")
+        if self.partitions < 0:
+            raise ConfigError(f"read.partitions must not be negative, got {self.partitions}")
 
 
 def doc_id(url: str | None, date: datetime | None, content: bytes) -> str:
@@ -127,42 +145,222 @@ def _next_member(f, start: int, magic: bytes) -> int | None:
         pos += len(chunk)
 
 
+def _sniff(f, path: str) -> tuple[bool, bool]:
+    """(whether the decompressed file begins with 'WARC/1.', whether it is gzipped).
+
+    Contents decide, not the name: a plain WARC may be named .warc.gz. A head too
+    damaged or too short to tell counts as a WARC, so the record loop reports it as a
+    bad or truncated record."""
+    head = f.read(1 << 16)
+    f.seek(0)
+    if head.startswith(GZIP_MAGIC):
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            start = d.decompress(head, len(WARC_MAGIC))
+        except zlib.error:
+            return True, True
+        return start.startswith(WARC_MAGIC) or (not d.eof and WARC_MAGIC.startswith(start)), True
+    if head.startswith(WARC_MAGIC) or WARC_MAGIC.startswith(head) or GZIP_MAGIC.startswith(head):
+        return True, False
+    # Not a WARC at its start, or a gzipped one whose first bytes are damaged: the name
+    # says which record starts to look for.
+    return False, path.lower().endswith(".gz")
+
+
+def _one_member(f, limit: int = 1 << 28) -> bool:
+    """Whether a gzipped WARC's first gzip member goes on past its first record: a whole
+    WARC gzipped at once rather than a member per record. Decompresses only as far as
+    the first record's end (its Content-Length), at most `limit` bytes."""
+    f.seek(0)
+    d = zlib.decompressobj(31)
+    out = b""
+    record_end = None
+    while not d.eof and len(out) < limit:
+        chunk = f.read(1 << 16)
+        if not chunk:
+            # The first member is cut short: read as one stream, whatever the layout, its
+            # whole records are kept and the cut is counted (warcio would end quietly).
+            return True
+        try:
+            out += d.decompress(chunk, limit - len(out))
+        except zlib.error:
+            return False
+        if record_end is None:
+            head = out.find(b"\r\n\r\n")
+            if head < 0:
+                continue
+            length = re.search(rb"(?im)^content-length:[ \t]*(\d+)", out[:head])
+            if length is None:
+                return False
+            record_end = head + 4 + int(length.group(1))
+        if out[record_end:].strip():
+            return True
+    return False
+
+
+class _Gunzip(io.RawIOBase):
+    """A gzip stream read as far as it goes: gzip.GzipFile drops the data it decompressed
+    when the file turns out cut short, and warcio takes that EOFError for a clean end.
+    Here a cut or corrupt stream ends after its last good byte, with `cut` set."""
+
+    def __init__(self, f):
+        self.f, self.cut = f, False
+        self.d = zlib.decompressobj(31)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._readinto(buffer)
+        except zlib.error:
+            self.cut = True
+            return 0
+
+    def _readinto(self, buffer) -> int:
+        data = b""
+        while not data:
+            if self.d.eof:  # the next member, if any
+                rest = self.d.unused_data
+                if not rest and not (rest := self.f.read(INFLATE_CHUNK)):
+                    return 0
+                self.d = zlib.decompressobj(31)
+                data = self.d.decompress(rest, len(buffer))
+                continue
+            chunk = self.d.unconsumed_tail or self.f.read(INFLATE_CHUNK)
+            if not chunk:
+                self.cut = True
+                return 0
+            data = self.d.decompress(chunk, len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def _member_complete(f, start: int) -> bool:
+    """Whether the gzip member at `start` ends with its trailer (inflated and discarded)."""
+    f.seek(start)
+    d = zlib.decompressobj(31)
+    chunk = b""
+    while not d.eof:
+        chunk = d.unconsumed_tail or f.read(INFLATE_CHUNK)
+        if not chunk:
+            return False
+        try:
+            d.decompress(chunk, 1 << 20)
+        except zlib.error:
+            return False
+    return True
+
+
+def _read_one_member(f, path: str, cfg: ReadConfig, rows: _Rows):
+    """The records of a one-member gzipped WARC, in order; yields full batches and
+    returns the number of records read."""
+    from warcio.archiveiterator import WARCIterator
+
+    f.seek(0)
+    records = 0
+    stream = _Gunzip(f)
+    try:
+        for record in WARCIterator(io.BufferedReader(stream), check_digests=False):
+            row = _warc_record(record, path, records, cfg)
+            if _cut_short(record):
+                raise EOFError("record cut short")
+            records += 1
+            if row is not None:
+                rows.add(**row)
+            if len(rows) >= BATCH_ROWS:
+                yield from rows.flush()
+        if stream.cut:
+            raise EOFError("gzip stream cut short")
+    except Exception as e:  # noqa: BLE001 - a cut stream, a corrupt block, a bad record: a counted drop
+        rows.add(id=doc_id(f"{path}#record{records}", None, type(e).__name__.encode()), source=path,
+                 drop_reason="truncated_record")
+    return records
+
+
+def _skip_blank_lines(f, offset: int) -> int:
+    """The offset of the first byte at or after `offset` that is not a blank line.
+    warcio's record length leaves out the blank lines that close an uncompressed record,
+    so the next record, or the end of a complete file, lies past them."""
+    f.seek(offset)
+    while chunk := f.read(1 << 16):
+        blank = len(chunk) - len(chunk.lstrip())
+        if blank < len(chunk):
+            return offset + blank
+        offset += len(chunk)
+    return offset
+
+
+def _cut_short(record) -> bool:
+    """warcio yields a record cut short without complaint: headers missing, a
+    Content-Length (mandatory) missing or cut to nothing, which warcio reads as 0, or
+    fewer bytes than the Content-Length."""
+    length = record.rec_headers.get_header("Content-Length") or ""
+    return (record.rec_type is None or not length.strip().isdigit()
+            or getattr(record.raw_stream, "limit", 0) > 0)
+
+
 def read_warc(path: str, cfg: ReadConfig) -> Iterator[pa.RecordBatch]:
-    from warcio.archiveiterator import ArchiveIterator
+    """One row per response or resource record, and one dropped row per stretch that
+    could not be read. A file that does not start like a WARC is read all the same (its
+    first bytes may be what is damaged) and becomes one `not_warc` row if no record
+    turns up."""
+    from warcio.archiveiterator import WARCIterator
 
     rows = _Rows()
-    gz = path.lower().endswith(".gz")
-    magic = GZIP_MAGIC if gz else WARC_MAGIC
+    records = 0  # complete WARC records read
     with paths.open_binary(path) as f:
+        starts_as_warc, gz = _sniff(f, path)
+        magic = GZIP_MAGIC if gz else WARC_MAGIC
         size = f.seek(0, 2)
         offset = 0
+        if gz and starts_as_warc and _one_member(f):
+            # A whole WARC gzipped at once (`gzip crawl.warc`): one gzip member holds every
+            # record. warcio refuses to seek in such a file, so it is read as one stream;
+            # damage inside it ends the file with one truncated_record.
+            records = yield from _read_one_member(f, path, cfg, rows)
+            offset = None
         while offset is not None:
             f.seek(offset)
-            it = ArchiveIterator(f, check_digests=False)
+            # WARC only: warcio's ArchiveIterator reads any line of five words as an ARC
+            # header, and a text file would come out as invented documents.
+            it = WARCIterator(f, check_digests=False)
             record_offset = offset  # start of the record being read
+            last_start = offset  # start of the last record read: in a gzipped WARC, its member's
             try:
                 for record in it:
                     row = _warc_record(record, path, record_offset, cfg)
                     # Asked only after the payload is read: warcio skips to the record's end.
-                    end = offset + it.get_record_offset() + it.get_record_length()
-                    # warcio yields a record cut short without complaint: headers missing,
-                    # or fewer payload bytes than its Content-Length.
-                    if record.rec_type is None or getattr(record.raw_stream, "limit", 0) > 0:
+                    end = it.get_record_offset() + it.get_record_length()
+                    if _cut_short(record):
                         raise EOFError("record cut short")
+                    # When one gzip member holds several records (a whole WARC gzipped at
+                    # once) warcio's offsets mix compressed and decompressed bytes.
+                    if not record_offset < end <= size:
+                        raise ValueError(f"record end {end} outside the file")
+                    records += 1
                     if row is not None:
                         rows.add(**row)
-                    record_offset = end
+                    last_start, record_offset = record_offset, end
                     if len(rows) >= BATCH_ROWS:
                         yield from rows.flush()
-                if record_offset >= size:
+                # warcio ends quietly on a gzip member cut short, even one that lost only its
+                # trailer: the file is cut, whatever the record kept.
+                if _skip_blank_lines(f, record_offset) == size and not (gz and not _member_complete(f, last_start)):
                     break
-                error = "unparsed tail"  # warcio ends quietly on a gzip member cut short
+                error = "unparsed tail"
             except Exception as e:  # noqa: BLE001 - any decoding failure is a counted drop
                 error = type(e).__name__
-            resume = _next_member(f, record_offset + 1, magic)
+            # Searched from past the failed record's own start, which may follow blank lines.
+            resume = _next_member(f, _skip_blank_lines(f, record_offset) + 1, magic)
             reason = "bad_record" if resume is not None else "truncated_record"
             rows.add(id=doc_id(f"{path}#{record_offset}", None, error.encode()), source=path, drop_reason=reason)
             offset = resume
+    if not starts_as_warc and not records:
+        # Nothing in the file was a WARC record: one row naming the file, not one per
+        # place that looked like a record start. (No batch was flushed: none was full.)
+        rows = _Rows()
+        rows.add(id=doc_id(f"{path}#0", None, b"not_warc"), source=path, drop_reason="not_warc")
     yield from rows.flush()
 
 
@@ -248,7 +446,17 @@ def _add_structured(rows: _Rows, url, date, given_id, content, path: str, cfg: R
     date = parse_date(date)
     url = None if url is None else str(url)
     if cfg.text_column:
-        text = None if content is None else str(content)
+        if isinstance(content, bytes):  # a Parquet binary column
+            try:
+                content = content.decode("utf-8")
+            except UnicodeDecodeError:
+                _add_bad(rows, url, date, given_id, content, path, "undecodable")
+                return
+        if content is not None and not isinstance(content, str):
+            # A number, list or object is not a text: str() would invent "12345" or "['a', ...]".
+            _add_bad(rows, url, date, given_id, content, path, "bad_text_type")
+            return
+        text = content
         data = (text or "").encode("utf-8", "surrogatepass")
         base = dict(id=str(given_id) if given_id else doc_id(url, date, data), url=url, source=path,
                     crawl_date=date, in_bytes=len(data))
@@ -256,6 +464,9 @@ def _add_structured(rows: _Rows, url, date, given_id, content, path: str, cfg: R
             rows.add(**base, drop_reason="empty_page")
         else:
             rows.add(**base, text=text)
+        return
+    if content is not None and not isinstance(content, (str, bytes)):
+        _add_bad(rows, url, date, given_id, content, path, "bad_html_type")
         return
     html = content.encode("utf-8", "surrogatepass") if isinstance(content, str) else content
     html = html or b""
@@ -267,6 +478,13 @@ def _add_structured(rows: _Rows, url, date, given_id, content, path: str, cfg: R
         rows.add(**base, drop_reason="empty_page")
     else:
         rows.add(**base, html=bytes(html))
+
+
+def _add_bad(rows: _Rows, url, date, given_id, content, path: str, reason: str) -> None:
+    """A dropped row for a value that is not a document; nothing of it is kept as content."""
+    key = repr(content).encode("utf-8", "surrogatepass")
+    rows.add(id=str(given_id) if given_id else doc_id(url, date, key), url=url, source=path, crawl_date=date,
+             drop_reason=reason)
 
 
 # --------------------------------------------------------------------------- Spark

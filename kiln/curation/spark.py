@@ -1,6 +1,9 @@
 """One place that builds the SparkSession.
 
-A local run (`kiln curate ...`) starts `local[*]` itself; under spark-submit the
+A local run (`kiln curate ...`) starts `local[*,4]` itself: every core, and a failed
+task tried up to 4 times as on a cluster (spark.task.maxFailures), where plain
+`local[*]` tries once and a lost Python worker fails the whole job. A master the
+user gives (`--master`, KILN_SPARK_MASTER) is used as given. Under spark-submit the
 master and resources come from spark-submit and are left alone.
 """
 
@@ -27,7 +30,7 @@ def get_spark(app_name: str = "kiln", master: str | None = None) -> SparkSession
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
     if not launched_by_spark_submit():
-        master = master or os.environ.get("KILN_SPARK_MASTER", "local[*]")
+        master = local_master(master)
         builder = builder.master(master)
         builder = (
             builder.config("spark.driver.memory", os.environ.get("KILN_DRIVER_MEMORY", "4g"))
@@ -45,10 +48,18 @@ def get_spark(app_name: str = "kiln", master: str | None = None) -> SparkSession
     return spark
 
 
+def local_master(master: str | None = None) -> str:
+    """The master of a run not under spark-submit: the one given, else KILN_SPARK_MASTER,
+    else all cores with up to 4 tries per task."""
+    return master or os.environ.get("KILN_SPARK_MASTER", "local[*,4]")
+
+
 def _local_cores(master: str) -> int:
-    """Cores of a local master: local[4] -> 4; local[*] or a cluster URL -> this machine's."""
+    """Cores of a local master: local[4] and local[4,2] -> 4; local[*], local[*,4] or a
+    cluster URL -> this machine's."""
     inside = master[master.find("[") + 1:master.find("]")] if master.startswith("local[") else ""
-    return int(inside) if inside.isdigit() else (1 if master == "local" else os.cpu_count() or 2)
+    cores = inside.partition(",")[0]  # local[N,F]: N cores, F tries per task
+    return int(cores) if cores.isdigit() else (1 if master == "local" else os.cpu_count() or 2)
 
 
 _SHIPPED: dict[tuple, str] = {}  # (application, staged path, archive) -> the name executors ask for

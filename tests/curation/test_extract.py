@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -16,6 +22,7 @@ from kiln.formats import schema
 from kiln.curation.extract import ExtractConfig, ExtractStage, decode_html, extract_main_content
 from kiln.curation.pipeline import parse_recipe, run
 from kiln.curation.readers import ReadConfig, read_raw, read_warc
+from kiln.curation.spark import _local_cores, local_master
 from kiln.curation.stage import run_stage
 from tests.conftest import docstrings, locale_sentences, page, read_dropped, write_warc
 
@@ -65,7 +72,8 @@ def test_plain_warc_1_0_and_parquet_html(spark, tmp_path):
     stats, docs = extract(spark, [warc], tmp_path / "w")
     expected = sorted(extract_main_content(r["body"].decode(), r["url"], **ExtractConfig().trafilatura_kwargs())[0]
                       for r in records)
-    assert stats.kept == 5 and sorted(docs["text"].to_list()) == expected
+    assert stats.docs_in == 5 and stats.kept == 5 and stats.dropped == {}  # no truncated_record at the end
+    assert sorted(docs["text"].to_list()) == expected
     pl.DataFrame({"page": [r["body"].decode() for r in records], "link": [r["url"] for r in records]}) \
         .write_parquet(tmp_path / "pages.parquet")
     stats, docs = extract(spark, [tmp_path / "pages.parquet"], tmp_path / "p",
@@ -188,8 +196,6 @@ def test_single_warc_is_spread_over_partitions(spark, tmp_path):
     assert schema.TEXT in result.kept.columns and schema.HTML not in result.kept.columns
 
 
-
-
 def test_trafilatura_failure_is_an_extract_error_at_once():
     import functools
 
@@ -204,3 +210,92 @@ def test_trafilatura_failure_is_an_extract_error_at_once():
         with pytest.raises(TypeError, match="no_such_option"):
             sandbox.process_document((page("T", PARAS[0]), None), fn)
         assert sandbox.process.is_alive()  # the child survived: no timeout was waited out
+
+
+def test_timeout_must_be_positive():
+    # 0 or less would drop every page as extract_timeout.
+    for timeout in (0.0, -1.0):
+        with pytest.raises(ConfigError) as e:
+            ExtractConfig(timeout_s=timeout)
+        assert str(e.value) == f"extract.timeout_s must be greater than 0, got {timeout}"
+    with pytest.raises(ConfigError) as e:  # from a recipe, before any Spark work
+        parse_recipe({"pipeline": {"input": ["x.warc"], "output": "out", "stages": ["extract"]},
+                      "extract": {"timeout_s": 0}})
+    assert str(e.value) == "extract.timeout_s must be greater than 0, got 0.0"
+
+
+# A Python worker killed with SIGKILL (executor lost, OOM killer) must not leave its
+# sandbox child behind: the orphan holds the worker's socket to the JVM, and Spark
+# waits for that task forever.
+WORKER = """
+import sys, time
+from kiln.curation.extract import ExtractStage
+from kiln.curation.readers import ReadConfig, read_jsonl
+out = ExtractStage().process_partition(read_jsonl(sys.argv[1], ReadConfig()))
+assert next(out).column("drop_reason").to_pylist() == [None]  # extracted: the sandbox child is up
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running or sleeping; a zombie waiting for init to reap it is dead."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_sandbox_child_dies_with_a_killed_worker(tmp_path):
+    pages = tmp_path / "p.jsonl"
+    pages.write_text(json.dumps({"url": "http://k.test/", "html": page("K", PARAS[0])}) + "\n")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root}
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(pages)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = []
+    try:
+        assert worker.stdout.readline() == "ready\n", worker.stderr.read()
+        children = _children(worker.pid)
+        assert len(children) == 1 and _alive(children[0])
+        worker.kill()
+        worker.wait()
+        assert _wait_for(lambda: not _alive(children[0]), 10)
+    finally:
+        worker.kill()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_local_master_retries_failed_tasks(monkeypatch):
+    monkeypatch.delenv("KILN_SPARK_MASTER", raising=False)
+    assert local_master() == "local[*,4]"  # local[*] would try each task once
+    assert local_master("local[2]") == "local[2]"
+    monkeypatch.setenv("KILN_SPARK_MASTER", "local[3]")
+    assert local_master() == "local[3]"
+    assert _local_cores("local[*,4]") == os.cpu_count()
+    assert _local_cores("local[3,4]") == 3
