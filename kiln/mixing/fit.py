@@ -401,7 +401,8 @@ def _bootstrap(meth, runs: Runs, point: list[dict], n_boot: int, rng) -> list[li
 
 
 def _info(runs: Runs) -> dict:
-    return {"runs": runs.path, "n_runs": runs.n, "dropped": runs.dropped, "renormalized": runs.renormalized,
+    return {"runs": runs.path, "n_runs": runs.n, "dropped": runs.dropped,
+            "dropped_by_reason": runs.dropped_by_reason, "renormalized": runs.renormalized,
             "weights_glob": runs.weights_glob, "weight_columns": runs.weight_columns}
 
 
@@ -474,8 +475,8 @@ def mixture_matrix(df: pl.DataFrame, fit: Fit, where: str, weights_glob: str | N
     W = np.column_stack([numeric_column(df, c, where) for c in cols])
     bad = np.flatnonzero(~np.isfinite(W).all(axis=1) | (W < 0).any(axis=1) | (W.sum(axis=1) <= 0))
     if len(bad):
-        raise ConfigError(f"{where}: data row {bad[0] + 1} (counting from 1) has a missing, negative or "
-                          f"all-zero weight: {dict(zip(cols, W[bad[0]].tolist()))}")
+        raise ConfigError(f"{where}: data row {bad[0] + 1} (counting from 1) has a missing, infinite, "
+                          f"negative or all-zero weight: {dict(zip(cols, W[bad[0]].tolist()))}")
     sums = W.sum(axis=1)
     off = np.abs(sums - 1) > SUM_TOLERANCE
     if off.any():

@@ -9,9 +9,12 @@ fit can model each one on its own and add the fits, as the Data Mixing Laws pape
 does for a multi-domain validation loss.
 
 Cleaning is said, never silent: rows with a missing or NaN weight or target are
-dropped and counted, rows whose weights do not sum to 1 are renormalized and
-counted; a negative weight, a missing column or a constant target is a ConfigError
-that names the file and the column (or row).
+dropped and counted, rows with an infinite one likewise under their own reason (a
+diverged proxy logs `inf`; no fit can use it, and calling it NaN hides what
+happened), rows whose weights do not sum to 1 are renormalized and counted; a
+negative weight, a missing column, a weight or target column without a single
+number, or a constant target is a ConfigError that names the file and the column
+(or row).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import fnmatch
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +121,9 @@ def read_table(path: str | os.PathLike) -> pl.DataFrame:
 def numeric_column(df: pl.DataFrame, col: str, where: str) -> np.ndarray:
     """The column as float64 with NaN for missing; a text column is an error naming it."""
     s = df[col]
-    if s.dtype == pl.Null:
+    # A CSV column holding only missing spellings has no value to infer a type from and
+    # reads back as String (or Null): it is a column of missing numbers, not of text.
+    if s.dtype == pl.Null or s.null_count() == len(s):
         return np.full(len(s), np.nan)
     if not s.dtype.is_numeric():
         raise ConfigError(f"{where}: column {col!r} is {s.dtype}, not numeric "
@@ -136,8 +141,9 @@ class Runs:
     weight_columns: list[str]  # the table's column for each domain
     weights_glob: str = ""  # the glob the weight columns were chosen with
     path: str = ""  # the file read, for provenance and errors
-    dropped: int = 0  # rows dropped for a missing/NaN weight or target
+    dropped: int = 0  # rows dropped for a missing/NaN or infinite weight or target
     renormalized: int = 0  # rows whose weights were rescaled to sum to 1
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)  # "missing" / "infinite" -> rows
 
     @property
     def y(self) -> np.ndarray:
@@ -155,7 +161,8 @@ class Runs:
         """Rows `idx` (repeats allowed: a bootstrap resample), counts kept for provenance."""
         idx = np.asarray(idx, dtype=np.int64)
         return Runs(self.domains, self.W[idx], self.Y[idx], self.target, self.frame[idx],
-                    self.weight_columns, self.weights_glob, self.path, self.dropped, self.renormalized)
+                    self.weight_columns, self.weights_glob, self.path, self.dropped, self.renormalized,
+                    self.dropped_by_reason)
 
     def split(self, column: str) -> dict[float, "Runs"]:
         """Runs grouped by the value of `column` (model size or tokens): scale -> runs."""
@@ -165,7 +172,28 @@ class Runs:
         values = numeric_column(self.frame, column, self.path or "runs")
         if np.isnan(values).any():
             raise ConfigError(f"{self.path or 'runs'}: column {column!r} has missing values")
+        if np.isinf(values).any():  # an inf scale would be a group of its own, fitted as a scale
+            raise ConfigError(f"{self.path or 'runs'}: column {column!r} has infinite values")
         return {float(v): self.subset(np.flatnonzero(values == v)) for v in np.unique(values)}
+
+
+def _data_rows(rows: np.ndarray) -> str:
+    """'data rows 3, 6, counting from 1' for 0-based row indexes, the first ten listed."""
+    listed = ", ".join(str(r + 1) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+    return f"data rows {listed}, counting from 1"
+
+
+def _require_a_number(values: np.ndarray, col: str, kind: str, where: str) -> None:
+    """A weight or target column with no finite value is an error of its own: dropping
+    every row would only say "no runs left" and hide which column is empty."""
+    if len(values) == 0 or np.isfinite(values).any():
+        return
+    n, nan = len(values), int(np.isnan(values).sum())
+    if nan == n:
+        raise ConfigError(f"{where}: {kind} column {col!r} holds no number: "
+                          f"all {n} rows are empty or NaN; nothing to fit")
+    raise ConfigError(f"{where}: {kind} column {col!r} holds no finite number: of its {n} rows, "
+                      f"{nan} are empty or NaN and {n - nan} are infinite; nothing to fit")
 
 
 def load_runs(path: str | os.PathLike | pl.DataFrame, weights_glob: str, targets: str) -> Runs:
@@ -189,13 +217,23 @@ def load_runs(path: str | os.PathLike | pl.DataFrame, weights_glob: str, targets
     W = np.column_stack([numeric_column(df, c, where) for c in wcols])  # (n, m)
     Y = np.column_stack([numeric_column(df, c, where) for c in target.columns])  # (n, p)
 
-    bad = np.isnan(W).any(axis=1) | np.isnan(Y).any(axis=1) | np.isinf(W).any(axis=1) | np.isinf(Y).any(axis=1)
+    for kind, cols, values in (("weight", wcols, W), ("target", target.columns, Y)):
+        for j, col in enumerate(cols):
+            _require_a_number(values[:, j], col, kind, where)
+
+    # A row with a NaN is "missing" even if another of its cells is infinite: the
+    # reasons partition the dropped rows, so their counts add up to `dropped`.
+    missing = np.isnan(W).any(axis=1) | np.isnan(Y).any(axis=1)
+    infinite = ~missing & (np.isinf(W).any(axis=1) | np.isinf(Y).any(axis=1))
+    by_reason = {}
+    for reason, rows, what, why in (("missing", missing, "a missing or NaN", ""),
+                                    ("infinite", infinite, "an infinite", ": a fit cannot use them")):
+        if rows.any():
+            by_reason[reason] = int(rows.sum())
+            say(f"{where}: dropped {int(rows.sum())} of {len(df)} runs with {what} weight or target "
+                f"({_data_rows(np.flatnonzero(rows))}){why}")
+    bad = missing | infinite
     dropped = int(bad.sum())
-    if dropped:
-        rows = np.flatnonzero(bad)
-        listed = ", ".join(str(r + 1) for r in rows[:10]) + (", ..." if dropped > 10 else "")
-        say(f"{where}: dropped {dropped} of {len(df)} runs with a missing or NaN weight or target "
-            f"(data rows {listed}, counting from 1)")
     keep = np.flatnonzero(~bad)
     W, Y, frame = W[keep], Y[keep], df[keep]
 
@@ -216,11 +254,11 @@ def load_runs(path: str | os.PathLike | pl.DataFrame, weights_glob: str, targets
         W = W / sums[:, None]
 
     if len(W) == 0:
-        raise ConfigError(f"{where}: no runs left after dropping rows with missing values")
+        raise ConfigError(f"{where}: no runs left after dropping rows with missing or infinite values")
     for k, col in enumerate(target.columns):
         if np.ptp(Y[:, k]) == 0:
             raise ConfigError(f"{where}: target {col} is constant ({Y[0, k]:g}) over {len(Y)} runs: "
                               "nothing to fit")
     return Runs(domains=domains, W=W, Y=Y, target=target, frame=frame, weight_columns=wcols,
                 weights_glob=weights_glob, path="" if where == "runs" else where,
-                dropped=dropped, renormalized=renormalized)
+                dropped=dropped, renormalized=renormalized, dropped_by_reason=by_reason)

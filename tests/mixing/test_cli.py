@@ -78,3 +78,29 @@ def test_scale_mode_from_the_command_line(tmp_path):
     assert fit.predict(W).mean == pytest.approx(truth, abs=1e-4)
     assert main(["mix", "fit", str(tmp_path / "runs.csv"), "--weights", "w_*", "--target", "loss",
                  "--scale-column", "tokens", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_fit_on_all_nan_target_says_so(tmp_path, capsys):
+    W = np.random.default_rng(0).dirichlet([1.0, 1.0], size=6)
+    path = tmp_path / "runs.csv"
+    pl.DataFrame({"w_a": W[:, 0], "w_b": W[:, 1], "loss": [float("nan")] * 6}).write_csv(path)
+    assert main(["mix", "fit", str(path), "--weights", "w_*", "--target", "loss",
+                 "--out", str(tmp_path / "fit.json")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"kiln: error: {path}: target column 'loss' holds no number: all 6 rows are empty or NaN; nothing to fit")
+    assert not (tmp_path / "fit.json").exists()
+
+
+def test_fit_records_inf_drops_by_reason(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    W = rng.dirichlet([1.0, 1.0, 1.0], size=12)
+    y = 2.0 + np.exp(W @ np.array([-1.0, 0.0, 1.0]))
+    y[[3, 7]] = np.inf
+    path = tmp_path / "runs.csv"
+    pl.DataFrame({"w_a": W[:, 0], "w_b": W[:, 1], "w_c": W[:, 2], "loss": y}).write_csv(path)
+    assert main(["mix", "fit", str(path), "--weights", "w_*", "--target", "loss", "--method", "linear",
+                 "--bootstrap", "2", "--out", str(tmp_path / "fit.json")]) == 0
+    assert (f"{path}: dropped 2 of 12 runs with an infinite weight or target (data rows 4, 8, counting from 1)"
+            in capsys.readouterr().err)
+    info = Fit.load(str(tmp_path / "fit.json")).info
+    assert (info["n_runs"], info["dropped"], info["dropped_by_reason"]) == (10, 2, {"infinite": 2})

@@ -275,3 +275,93 @@ def test_auto_skips_methods_below_their_minimum():
     f = fit(runs, "auto", n_boot=2, verbose=False, config=FitConfig())
     assert f.cv["gbm"].startswith("skipped: needs at least 15 runs")
     assert f.method in ("law", "linear")
+
+
+def _with_loss(df, values, dtype=pl.Float64):
+    return df.with_columns(pl.Series("loss", values, dtype=dtype))
+
+
+@pytest.mark.parametrize("spelling", ["NaN", "", "nan"])
+def test_all_nan_target_says_no_number(tmp_path, spelling):
+    # Every spelling of a missing value reads back as null, so polars types the column as
+    # String with no value at all; the message must say that, not "is String, not numeric".
+    path = tmp_path / "runs.csv"
+    df = runs_frame(8, 0.0, seed=0).drop("loss")
+    lines = df.write_csv().splitlines()
+    path.write_text("\n".join([lines[0] + ",loss"] + [line + "," + spelling for line in lines[1:]]) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_runs(path, "w_*", "loss")
+    assert str(e.value) == (f"{path}: target column 'loss' holds no number: "
+                            "all 8 rows are empty or NaN; nothing to fit")
+
+
+def test_all_null_target_in_memory():
+    for values, dtype in (([None] * 6, pl.Float64), ([float("nan")] * 6, pl.Float64), ([None] * 6, pl.Null)):
+        with pytest.raises(ConfigError) as e:
+            load_runs(_with_loss(runs_frame(6, 0.0, seed=0), values, dtype), "w_*", "loss")
+        assert str(e.value) == "runs: target column 'loss' holds no number: all 6 rows are empty or NaN; nothing to fit"
+
+
+def test_target_of_nan_and_inf_only_counts_both(tmp_path):
+    values = [float("nan"), float("inf"), None, float("-inf"), float("nan")]
+    path = write_csv(_with_loss(runs_frame(5, 0.0, seed=0), values), tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_runs(path, "w_*", "loss")
+    assert str(e.value) == (f"{path}: target column 'loss' holds no finite number: of its 5 rows, "
+                            "3 are empty or NaN and 2 are infinite; nothing to fit")
+
+
+def test_all_empty_weight_column_names_it(tmp_path):
+    df = runs_frame(7, 0.0, seed=0).with_columns(pl.lit(None, dtype=pl.Float64).alias("w_d2"))
+    path = write_csv(df, tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_runs(path, "w_*", "loss")
+    assert str(e.value) == (f"{path}: weight column 'w_d2' holds no number: "
+                            "all 7 rows are empty or NaN; nothing to fit")
+
+
+def test_text_column_still_named_with_its_first_value(tmp_path):
+    df = runs_frame(4, 0.0, seed=0).with_columns(pl.Series("loss", [None, "high", "low", None]))
+    with pytest.raises(ConfigError, match=r"column 'loss' is String, not numeric \(first value \['high'\]\)"):
+        load_runs(write_csv(df, tmp_path), "w_*", "loss")
+
+
+def test_inf_rows_dropped_with_their_own_reason(tmp_path, capsys):
+    df = runs_frame(20, 0.0, seed=0)
+    loss = df["loss"].to_list()
+    loss[2], loss[5] = float("inf"), float("-inf")
+    loss[9] = float("nan")
+    w3 = df["w_d3"].to_list()
+    w3[14] = float("inf")
+    w3[16] = None
+    df = df.with_columns(pl.Series("loss", loss), pl.Series("w_d3", w3))
+    path = write_csv(df, tmp_path)
+    assert "inf" in path.read_text()  # the CSV holds the literal inf, not an empty field
+    runs = load_runs(path, "w_*", "loss")
+    assert (runs.dropped, runs.n) == (5, 15)
+    assert runs.dropped_by_reason == {"missing": 2, "infinite": 3}
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"kiln mix: {path}: dropped 2 of 20 runs with a missing or NaN weight or target "
+                   "(data rows 10, 17, counting from 1)",
+                   f"kiln mix: {path}: dropped 3 of 20 runs with an infinite weight or target "
+                   "(data rows 3, 6, 15, counting from 1): a fit cannot use them"]
+    assert np.isfinite(runs.W).all() and np.isfinite(runs.Y).all()
+
+
+def test_inf_only_rows_are_not_called_nan(tmp_path, capsys):
+    df = runs_frame(10, 0.0, seed=0)
+    loss = df["loss"].to_list()
+    loss[4] = float("inf")
+    runs = load_runs(write_csv(_with_loss(df, loss), tmp_path), "w_*", "loss")
+    err = capsys.readouterr().err
+    assert "NaN" not in err and "missing" not in err
+    assert "dropped 1 of 10 runs with an infinite weight or target (data rows 5, counting from 1)" in err
+    assert runs.dropped_by_reason == {"infinite": 1}
+
+
+def test_split_refuses_an_infinite_scale():
+    df = runs_frame(8, 0.0, seed=0).with_columns(pl.Series("tokens", [1e8] * 7 + [float("inf")]))
+    runs = load_runs(df, "w_*", "loss")
+    with pytest.raises(ConfigError) as e:
+        runs.split("tokens")
+    assert str(e.value) == "runs: column 'tokens' has infinite values"
