@@ -34,6 +34,7 @@ WARC_MAGIC = b"WARC/1."
 # Compressed bytes inflated at a time in a one-member gzip: what a corrupt block costs,
 # besides everything after it (zlib gives nothing of a call that fails).
 INFLATE_CHUNK = 1 << 13
+UTF8_BOM = b"\xef\xbb\xbf"
 FORMATS = ("auto", "warc", "jsonl", "parquet")
 
 
@@ -411,9 +412,10 @@ def read_jsonl(path: str, cfg: ReadConfig) -> Iterator[pa.RecordBatch]:
     n_lines = n_with_content = 0
     with paths.open_lines(path) as f:
         for line_no, line in enumerate(_lines(f, path, rows)):
+            if line_no == 0:
+                line = line.removeprefix(UTF8_BOM)  # JSON readers may ignore a byte-order mark
             if not line.strip():
                 continue
-            n_lines += 1
             try:
                 obj = orjson.loads(line)
                 if not isinstance(obj, dict):
@@ -422,6 +424,7 @@ def read_jsonl(path: str, cfg: ReadConfig) -> Iterator[pa.RecordBatch]:
                 rows.add(id=doc_id(f"{path}#{line_no}", None, line[:64]), source=path,
                          drop_reason="bad_record", in_bytes=len(line))
                 continue
+            n_lines += 1  # records: a file of broken lines is counted drops, not a wrong column
             content = obj.get(column)
             if content is not None:
                 n_with_content += 1

@@ -207,3 +207,19 @@ def test_read_config_range_checks(field, value, message):
     with pytest.raises(ConfigError) as e:
         ReadConfig(**{field: value})
     assert str(e.value) == message
+
+
+def test_jsonl_of_broken_lines_is_counted_and_a_bom_is_ignored(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b'{"text": "cut\n[1, 2\nnot json at all\n')
+    rows = rows_of(broken, ReadConfig(text_column="text"))
+    assert rows["drop_reason"].to_list() == ["bad_record"] * 3  # not a "no record has the column" error
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"url": "http://b.test/", "text": "first record"}\n{"text": "second"}\n')
+    rows = rows_of(bom, ReadConfig(text_column="text"))
+    assert rows["drop_reason"].to_list() == [None, None]
+    assert rows["text"].to_list() == ["first record", "second"] and rows["url"].to_list()[0] == "http://b.test/"
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"body": "x"}\n')
+    with pytest.raises(ConfigError, match="no record has the column 'text'"):
+        rows_of(wrong, ReadConfig(text_column="text"))
