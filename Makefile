@@ -18,7 +18,7 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(PY))
 export KILN_LID_MODEL := $(abspath $(LID_MODEL))
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench faults clean
 
 setup: $(STAMP) $(LID_MODEL)
 
@@ -78,11 +78,19 @@ demo: setup $(SAMPLE) $(MODELS)/quality.bin $(MODELS)/domain.bin $(MODELS)/score
 	$(KILN) mix report $(MIX)/fit.json --runs $(MIX)/runs/runs.csv --availability $(SHARDS)/availability.json \
 		--target-tokens 200000 --max-epochs 4 --out $(MIX)/report
 
+# The tests, then the fault suite without writing its table (make faults writes it).
 test: setup
 	$(PY) -m pytest -q tests
+	$(PY) benchmarks/faults.py --no-write --strict
 
 bench: setup $(SAMPLE)
 	$(PY) benchmarks/curation_throughput.py --input $(SAMPLE)
+
+# kiln's real commands on damaged WARC and JSONL input, the hardening issue's named
+# cases, and kill -9 of a training run and of a pipeline (about 3 minutes on 2 cores);
+# the table lands in benchmarks/results/faults_<date>_<host>.md.
+faults: setup
+	$(PY) benchmarks/faults.py
 
 clean:
 	rm -rf out data .pytest_cache
