@@ -181,6 +181,12 @@ def stage_rows(out: Path) -> pl.DataFrame:
     return pl.concat([f.cast({c: pl.String for c in COLUMNS}) for f in frames]) if frames else empty
 
 
+def extract_rows(p: Path, out: Path, *extra: str) -> tuple[pl.DataFrame | None, str]:
+    """`kiln curate extract` of one file, dropped rows written: its rows, or None and why it failed."""
+    call = kiln("curate", "extract", "--input", str(p), "--output", str(out), "--write-dropped", *extra)
+    return (stage_rows(out), "") if call.rc == 0 else (None, call_outcome(call))
+
+
 def stats_balance(out: Path, rows: pl.DataFrame) -> tuple[bool, str]:
     """stats.json balances and agrees with the rows written."""
     st = json.loads((out / "stats.json").read_text())
@@ -463,12 +469,11 @@ class Named:
             p = self.work / name
             p.write_bytes(self.warc5.data)
             out = self.work / f"out_{name}"
-            call = kiln("curate", "extract", "--input", str(p), "--output", str(out), "--write-dropped")
-            if call.rc != 0:
-                parts.append(f"{name}: {call_outcome(call)}")
+            rows, failed = extract_rows(p, out)
+            if rows is None:
+                parts.append(f"{name}: {failed}")
                 ok_all = False
                 continue
-            rows = stage_rows(out)
             balanced, why = stats_balance(out, rows)
             balanced_all &= balanced
             urls = sorted(u for u in rows["url"].to_list() if u)
@@ -489,12 +494,11 @@ class Named:
             p = self.work / name
             p.write_bytes(data)
             out = self.work / f"out_{name}"
-            call = kiln("curate", "extract", "--input", str(p), "--output", str(out), "--write-dropped")
-            if call.rc != 0:
-                parts.append(f"{name}: {call_outcome(call)}")
+            rows, failed = extract_rows(p, out)
+            if rows is None:
+                parts.append(f"{name}: {failed}")
                 ok_all = False
                 continue
-            rows = stage_rows(out)
             balanced, why = stats_balance(out, rows)
             balanced_all &= balanced
             reasons = dict(rows.group_by("drop_reason").len().iter_rows())
@@ -521,12 +525,11 @@ class Named:
             p.write_bytes(b"\n".join(data) + b"\n")
             out = self.work / f"out_non_string_{column}"
             extra = ["--text-column", "text"] if column == "text" else ["--html-column", "html"]
-            call = kiln("curate", "extract", "--input", str(p), "--output", str(out), "--write-dropped", *extra)
-            if call.rc != 0:
-                parts.append(f"{column}: {call_outcome(call)}")
+            rows, failed = extract_rows(p, out, *extra)
+            if rows is None:
+                parts.append(f"{column}: {failed}")
                 ok_all = False
                 continue
-            rows = stage_rows(out)
             kept = sorted(rows.filter(pl.col("drop_reason").is_null())["url"].to_list())
             dropped = dict(rows.filter(pl.col("drop_reason").is_not_null()).select("url", "drop_reason").iter_rows())
             bad = [f"https://faults.example/n4/{column}/{k}" for k in range(len(values))]
