@@ -330,49 +330,23 @@ def training_corpus(root: Path) -> Path:
     """Token shards of real text in three domains and the tokenizer they were cut with
     (`root/tok`), as tests/training builds them; `root/tok_other` is a second tokenizer
     of the same vocabulary size trained on other text (its hash differs)."""
-    from kiln.curation.tokenizer import load_tokenizer, train_tokenizer
-    from tests.conftest import STDLIB, locale_sentences
-    from tests.training.test_data import write_shards
+    from kiln.curation.tokenizer import train_tokenizer
+    from tests.conftest import STDLIB
+    from tests.training.corpus import build_corpus
 
-    general = docstrings("argparse") + docstrings("textwrap") + docstrings("difflib") + docstrings("tarfile")
+    quiet = lambda msg: None  # noqa: E731
+    build_corpus(root, log=quiet)
     code = ["\n".join((STDLIB / f"{m}.py").read_text().splitlines()[i:i + 30])
             for m in ("shutil", "heapq", "bisect") for i in range(0, 900, 30)]
-    multilingual = [" ".join(locale_sentences(lang, limit=40)[i:i + 5]) for lang in ("de", "fr") for i in range(0, 40, 5)]
-    quiet = lambda msg: None  # noqa: E731
-    train_tokenizer(general + code + multilingual, str(root / "tok"), vocab_size=512, log=quiet)
     train_tokenizer(docstrings("calendar") + docstrings("pathlib") + code, str(root / "tok_other"),
                     vocab_size=512, log=quiet)
-    info = load_tokenizer(str(root / "tok"), log=quiet)
-    tok = info.tokenizer
-    docs = {domain: {f"{domain}-{i}": tok.encode(t, add_special_tokens=False).ids for i, t in enumerate(texts)}
-            for domain, texts in (("general", general), ("code", code), ("multilingual", multilingual))}
-    write_shards(root / "shards", docs, parts=2, tokenizer_hash=info.hash, vocab_size=info.vocab_size)
     return root
 
 
 def training_recipe(path: Path, corpus: Path, output: Path, tokenizer: str = "tok", tokens: int = 12_800) -> Path:
     """The trainer tests' debug recipe: 25 steps of 8 x 64 tokens, a checkpoint every 5."""
-    path.write_text(f"""
-[run]
-output = "{output}"
-shards = "{corpus / 'shards'}"
-tokenizer = "{corpus / tokenizer}"
-seed = 0
-val_fraction = 0.05
-log_every = 5
+    from tests.training.corpus import CORE, recipe_text
 
-[model]
-preset = "debug"
-
-[[stage]]
-name = "core"
-weights = {{ general = 0.6, code = 0.3, multilingual = 0.1 }}
-tokens = {tokens}
-seq_len = 64
-batch_size = 8
-lr = 3e-3
-warmup = 0.1
-checkpoint_every = 5
-eval_every = 10
-""")
+    stages = CORE.replace("tokens = 12_800", f"tokens = {tokens}")
+    path.write_text(recipe_text(corpus, output, stages, tokenizer=tokenizer))
     return path

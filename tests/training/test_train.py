@@ -19,9 +19,9 @@ from kiln.config import ConfigError
 from kiln.training import recipe as recipes
 from kiln.training.cli import main as train_main
 from kiln.training.train import RunOptions, stage_paths, train
-from tests.conftest import STDLIB, docstrings, locale_sentences
+from tests.conftest import docstrings
 from tests.training.test_checkpoint import DAMAGES, MakeDirectory, damage_file
-from tests.training.test_data import write_shards
+from tests.training.corpus import CORE, build_corpus, recipe_text
 
 GOLDEN = Path(__file__).parent.parent / "assets" / "losses" / "debug_cpu.json"
 
@@ -29,51 +29,8 @@ GOLDEN = Path(__file__).parent.parent / "assets" / "losses" / "debug_cpu.json"
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Real text in three domains, tokenized with a tokenizer trained here."""
-    from kiln.curation.tokenizer import load_tokenizer, train_tokenizer
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
-    root = tmp_path_factory.mktemp("corpus")
-    general = docstrings("argparse") + docstrings("textwrap") + docstrings("difflib") + docstrings("tarfile")
-    code = ["\n".join((STDLIB / f"{m}.py").read_text().splitlines()[i:i + 30])
-            for m in ("shutil", "heapq", "bisect") for i in range(0, 900, 30)]
-    multilingual = [" ".join(locale_sentences(lang, limit=40)[i:i + 5]) for lang in ("de", "fr") for i in range(0, 40, 5)]
-    train_tokenizer(general + code + multilingual, str(root / "tok"), vocab_size=512)
-    info = load_tokenizer(str(root / "tok"))
-    tok = info.tokenizer
-    docs = {domain: {f"{domain}-{i}": tok.encode(t, add_special_tokens=False).ids for i, t in enumerate(texts)}
-            for domain, texts in (("general", general), ("code", code), ("multilingual", multilingual))}
-    write_shards(root / "shards", docs, parts=2, tokenizer_hash=info.hash, vocab_size=info.vocab_size)
-    return root
-
-
-def recipe_text(corpus: Path, out: Path, stages: str, model: str = 'preset = "debug"') -> str:
-    return f"""
-[run]
-output = "{out}"
-shards = "{corpus / 'shards'}"
-tokenizer = "{corpus / 'tok'}"
-seed = 0
-val_fraction = 0.05
-log_every = 5
-
-[model]
-{model}
-
-{stages}
-"""
-
-
-CORE = """
-[[stage]]
-name = "core"
-weights = { general = 0.6, code = 0.3, multilingual = 0.1 }
-tokens = 12_800
-seq_len = 64
-batch_size = 8
-lr = 3e-3
-warmup = 0.1
-checkpoint_every = 5
-eval_every = 10
-"""
 
 THREE = CORE + """
 [[stage]]
