@@ -261,28 +261,25 @@ class TokenSource:
     checked against its index, and from one tokenizer; each domain's documents split
     into training and held-out validation documents (see `_split`)."""
 
-    def __init__(self, shards_dir: str, val_fraction: float = 0.01, val_min_docs: int = 1, val_min_tokens: int = 0):
+    def __init__(self, shards_dir: str, val_fraction: float = 0.01, val_min_docs: int = 1, val_min_tokens: int = 0,
+                 extra: dict[str, str] | None = None):
+        """`extra`: more shards directories, each read as one domain named by its key
+        (all its documents, whatever domains its indexes name): a candidate dataset
+        beside the corpus, as an annealing probe mixes one in."""
         _check_split(val_fraction, val_min_docs, val_min_tokens, "TokenSource")
         self.shards_dir = str(shards_dir)
         self.val_fraction, self.val_min_docs, self.val_min_tokens = val_fraction, val_min_docs, val_min_tokens
-        if not Path(shards_dir).is_dir():
-            raise ConfigError(f"{shards_dir}: token shards directory not found")
-        index_files = shard_indexes(self.shards_dir)
-        if not index_files:
-            raise ConfigError(f"{shards_dir}: no token shards (<domain>/part-NNNNN.json, written by kiln curate "
-                              "tokenize)")
         grouped: dict[str, list[tuple[str, np.memmap, dict]]] = {}
         first: tuple[str, dict] | None = None
-        for path in index_files:
-            tokens, index = load_shard(path)
-            if first is None:
-                first = (path, index)
-            self._check_same_tokenizer(path, index, *first)
-            if domain_dirname(index["domain"]) != os.path.basename(os.path.dirname(path)):
-                raise ConfigError(f"{path}: index says domain {index['domain']!r}, but it sits in directory "
-                                  f"{os.path.basename(os.path.dirname(path))!r}")
-            _check_offsets(path, index)
-            grouped.setdefault(index["domain"], []).append((path, tokens, index))
+        for directory, as_domain in [(self.shards_dir, None), *((str(d), name) for name, d in (extra or {}).items())]:
+            if as_domain is not None and as_domain in grouped:
+                raise ConfigError(f"{directory}: extra shards named {as_domain!r}, a domain {self.shards_dir} "
+                                  "already has; give it another name")
+            for path, tokens, index in _open_shards(directory):
+                if first is None:
+                    first = (path, index)
+                self._check_same_tokenizer(path, index, *first)
+                grouped.setdefault(as_domain or index["domain"], []).append((path, tokens, index))
         assert first is not None
         self.tokenizer_hash: str = first[1]["tokenizer_hash"]
         self.dtype: str = first[1]["dtype"]
@@ -392,6 +389,23 @@ class TokenSource:
             yield _batch(rows, starts, [index] * len(rows), numbers, doc_masking)
 
 
+def _open_shards(shards_dir: str) -> Iterator[tuple[str, np.memmap, dict]]:
+    """Every shard of a contract-3 directory: its index path, memory-mapped tokens and
+    index, each checked to sit in its domain's directory and to describe its documents."""
+    if not Path(shards_dir).is_dir():
+        raise ConfigError(f"{shards_dir}: token shards directory not found")
+    index_files = shard_indexes(shards_dir)
+    if not index_files:
+        raise ConfigError(f"{shards_dir}: no token shards (<domain>/part-NNNNN.json, written by kiln curate tokenize)")
+    for path in index_files:
+        tokens, index = load_shard(path)
+        if domain_dirname(index["domain"]) != os.path.basename(os.path.dirname(path)):
+            raise ConfigError(f"{path}: index says domain {index['domain']!r}, but it sits in directory "
+                              f"{os.path.basename(os.path.dirname(path))!r}")
+        _check_offsets(path, index)
+        yield path, tokens, index
+
+
 def _check_offsets(path: str, index: dict) -> None:
     offsets = np.asarray(index["doc_offsets"], dtype=np.int64)
     if (len(offsets) != index["num_docs"] + 1 or len(index["doc_ids"]) != index["num_docs"]
@@ -404,27 +418,106 @@ def _check_offsets(path: str, index: dict) -> None:
 # The sampler
 
 
+class _Group:
+    """The domains one mixture draws from: weights, the cumulative weights a uniform
+    picks a domain with, the generator of those uniforms, and per domain the position in
+    its infinite stream and the seed of its epoch permutations."""
+
+    def __init__(self, source: TokenSource, mixture: Mixture, rng_seed, perm_seed: int):
+        self.weights = mixture.active()
+        self.shards_dir = source.shards_dir
+        self.names = list(self.weights)
+        self.domains = [source.domain(name) for name in self.names]
+        cdf = np.cumsum([w / math.fsum(self.weights.values()) for w in self.weights.values()])
+        # Exactly 1 at the end, so a uniform in [0, 1) always lands on a domain despite rounding.
+        cdf[-1] = 1.0
+        self.cdf = cdf
+        self.rng = np.random.Generator(np.random.PCG64(rng_seed))
+        self.positions = [0] * len(self.names)  # tokens consumed of each domain's infinite stream
+        self.perm_seeds = [perm_seed] * len(self.names)  # seeds of each domain's epoch permutations
+
+    def draw(self, n: int) -> list[int]:
+        """The domains (indices into names) of the next n sequences."""
+        return np.searchsorted(self.cdf, self.rng.random(n), side="right").tolist()
+
+    def epochs(self) -> dict[str, float]:
+        return {name: position / d.train.tokens for name, position, d in zip(self.names, self.positions, self.domains)}
+
+    def state(self) -> dict:
+        domains = {}
+        for i, (name, d) in enumerate(zip(self.names, self.domains)):
+            epoch, cursor = divmod(self.positions[i], d.train.tokens)
+            domains[name] = {"seed": self.perm_seeds[i], "epoch": epoch, "cursor": cursor,
+                             "tokens_per_epoch": d.train.tokens}
+        return {"rng": _rng_state(self.rng), "domains": domains}
+
+    def check_domains(self, saved: dict, where: str, exact: bool = True) -> None:
+        if exact and sorted(saved) != self.names:
+            raise ConfigError(f"{where}: domains {sorted(saved)} differ from this sampler's {self.names}")
+        for name, entry in saved.items():
+            tokens = self.domains[self.names.index(name)].train.tokens
+            if entry["tokens_per_epoch"] != tokens:
+                raise ConfigError(f"{where}: domain {name!r} had {entry['tokens_per_epoch']} training tokens, "
+                                  f"{self.shards_dir} now has {tokens}; the shards or the validation split changed")
+
+    def adopt_domains(self, saved: dict) -> None:
+        for name, entry in saved.items():
+            i = self.names.index(name)
+            self.perm_seeds[i] = entry["seed"]
+            self.positions[i] = entry["epoch"] * entry["tokens_per_epoch"] + entry["cursor"]
+
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    """A PCG64 generator's state as JSON data; its 128-bit integers as strings (JSON
+    readers outside Python, and checkpoint tools, round 64-bit-plus integers)."""
+    state = rng.bit_generator.state
+    return {"state": str(state["state"]["state"]), "inc": str(state["state"]["inc"]),
+            "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"])}
+
+
+def _set_rng_state(rng: np.random.Generator, saved: dict) -> None:
+    rng.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": int(saved["state"]), "inc": int(saved["inc"])},
+                               "has_uint32": saved["has_uint32"], "uinteger": saved["uinteger"]}
+
+
+# Keys mixed into the seed of a blend's generators and permutations, so they are
+# independent of the main mixture's (which keep their pre-blend values).
+BLEND_KEY, BLEND_CHOICE_KEY = 0xB1E4D, 0xC401CE
+BLEND_PERM_OFFSET = 2**40
+
+
 class MixtureSampler:
     """Training sequences drawn from the domains of `mixture` (see the module
     docstring). `cfg` gives seq_len, batch_size, seed and doc_masking; the source and
-    mixture are passed in already opened (open_data opens them from cfg)."""
+    mixture are passed in already opened (open_data opens them from cfg).
 
-    def __init__(self, source: TokenSource, mixture: Mixture, cfg: DataConfig, rank: int = 0, world_size: int = 1):
+    With a `blend` mixture, each sequence comes from the blend with probability
+    `blend_ratio`, decided by a generator of its own; the blend's domains have their own
+    draws and stream positions (also for a domain `mixture` has too). So the sequences
+    from `mixture` are, in order, exactly the stream `mixture` alone gives with the same
+    seed: an annealing probe's candidate arm sees a prefix of its control arm's data.
+    `domain_index` points into `domains + blend_domains`."""
+
+    def __init__(self, source: TokenSource, mixture: Mixture, cfg: DataConfig, rank: int = 0, world_size: int = 1,
+                 blend: Mixture | None = None, blend_ratio: float = 0.0):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
         source.check_mixture(mixture)
         self.source, self.cfg, self.rank, self.world_size = source, cfg, rank, world_size
-        self.weights = mixture.active()
-        self.domains = list(self.weights)  # Batch.domain_index points into this
-        self._domains = [source.domain(name) for name in self.domains]
-        cdf = np.cumsum([w / math.fsum(self.weights.values()) for w in self.weights.values()])
-        # Exactly 1 at the end, so a uniform in [0, 1) always lands on a domain despite rounding.
-        cdf[-1] = 1.0
-        self._cdf = cdf
-        self._rng = np.random.Generator(np.random.PCG64(cfg.seed))
+        self._main = _Group(source, mixture, cfg.seed, cfg.seed)
+        self.weights, self.domains = self._main.weights, self._main.names
+        self._blend: _Group | None = None
+        self.blend_ratio = 0.0
+        if blend is not None:
+            if not 0 < blend_ratio < 1:
+                raise ConfigError(f"blend_ratio must be in (0, 1), got {blend_ratio}")
+            source.check_mixture(blend)
+            self._blend = _Group(source, blend, np.random.SeedSequence([cfg.seed, BLEND_KEY]),
+                                 BLEND_PERM_OFFSET + cfg.seed)
+            self._choice = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, BLEND_CHOICE_KEY])))
+            self.blend_ratio = blend_ratio
+        self.blend_domains = self._blend.names if self._blend else []
         self._sequences = 0  # global sequences drawn so far, by all ranks together
-        self._positions = [0] * len(self.domains)  # tokens consumed of each domain's infinite stream
-        self._perm_seeds = [cfg.seed] * len(self.domains)  # seeds of each domain's epoch permutations
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -435,25 +528,32 @@ class MixtureSampler:
         k = batch_size or self.cfg.batch_size
         window = self.cfg.seq_len + 1
         block = k * self.world_size
-        choices = np.searchsorted(self._cdf, self._rng.random(block), side="right")  # (k * world,)
+        if self._blend is None:
+            picks = [(self._main, d) for d in self._main.draw(block)]
+        else:
+            from_blend = (self._choice.random(block) < self.blend_ratio).tolist()
+            main, blended = iter(self._main.draw(block - sum(from_blend))), iter(self._blend.draw(sum(from_blend)))
+            picks = [(self._blend, next(blended)) if b else (self._main, next(main)) for b in from_blend]
         rows, starts, domain_index, sequence_index = [], [], [], []
-        for j, d in enumerate(choices.tolist()):
-            position = self._positions[d]
-            self._positions[d] += window
+        for j, (group, d) in enumerate(picks):
+            position = group.positions[d]
+            group.positions[d] += window
             if j % self.world_size == self.rank:
-                tokens, doc_starts = self._domains[d].train_window(self._perm_seeds[d], position, window)
+                tokens, doc_starts = group.domains[d].train_window(group.perm_seeds[d], position, window)
                 rows.append(tokens)
                 starts.append(doc_starts)
-                domain_index.append(d)
+                domain_index.append(d if group is self._main else len(self.domains) + d)
                 sequence_index.append(self._sequences + j)
         self._sequences += block
         return _batch(rows, starts, domain_index, sequence_index, self.cfg.doc_masking)
 
     def epochs(self) -> dict[str, float]:
         """Epochs of each domain's training tokens consumed so far (1.5 = seen 1.5 times):
-        how much the mixture repeats a domain."""
-        return {name: position / d.train.tokens
-                for name, position, d in zip(self.domains, self._positions, self._domains)}
+        how much the mixture repeats a domain. A blend's domains are `blend/<name>`."""
+        out = self._main.epochs()
+        if self._blend:
+            out.update({f"blend/{name}": value for name, value in self._blend.epochs().items()})
+        return out
 
     def metrics(self) -> dict[str, float]:
         return {"data/sequences": self._sequences,
@@ -462,40 +562,43 @@ class MixtureSampler:
     # -- state ---------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Plain JSON-able data; identical on every rank (see the module docstring).
-        The generator's 128-bit integers are strings: JSON readers outside Python, and
-        checkpoint tools, round 64-bit-plus integers."""
-        rng = self._rng.bit_generator.state
-        domains = {}
-        for i, (name, d) in enumerate(zip(self.domains, self._domains)):
-            epoch, cursor = divmod(self._positions[i], d.train.tokens)
-            domains[name] = {"seed": self._perm_seeds[i], "epoch": epoch, "cursor": cursor,
-                             "tokens_per_epoch": d.train.tokens}
-        return {"format": SAMPLER_FORMAT, "seed": self.cfg.seed, "seq_len": self.cfg.seq_len,
-                "weights": dict(self.weights), "sequences": self._sequences,
-                "rng": {"state": str(rng["state"]["state"]), "inc": str(rng["state"]["inc"]),
-                        "has_uint32": int(rng["has_uint32"]), "uinteger": int(rng["uinteger"])},
-                "domains": domains}
+        """Plain JSON-able data; identical on every rank (see the module docstring)."""
+        main = self._main.state()
+        state = {"format": SAMPLER_FORMAT, "seed": self.cfg.seed, "seq_len": self.cfg.seq_len,
+                 "weights": dict(self.weights), "sequences": self._sequences, "rng": main["rng"],
+                 "domains": main["domains"]}
+        if self._blend:
+            state["blend"] = {"ratio": self.blend_ratio, "weights": dict(self._blend.weights),
+                              "choice_rng": _rng_state(self._choice), **self._blend.state()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue the stream `state` was taken from. The seed, seq_len, mixture and
-        shards must be the ones it was saved with (a new stage is a new sampler; see
+        """Continue the stream `state` was taken from. The seed, seq_len, mixture, blend
+        and shards must be the ones it was saved with (a new stage is a new sampler; see
         continue_domains); the number of ranks may differ."""
         where = "sampler state"
         if not isinstance(state, dict) or state.get("format") != SAMPLER_FORMAT:
             raise ConfigError(f"{where}: not a {SAMPLER_FORMAT} state")
-        for key, mine in (("seed", self.cfg.seed), ("seq_len", self.cfg.seq_len), ("weights", self.weights)):
-            if state.get(key) != mine:
-                raise ConfigError(f"{where}: saved with {key} {state.get(key)!r}, this sampler has {mine!r}; a changed "
+        blend = state.get("blend")
+        mine_blend = {"ratio": self.blend_ratio, "weights": dict(self._blend.weights)} if self._blend else None
+        saved_blend = {"ratio": blend["ratio"], "weights": blend["weights"]} if blend else None
+        for key, saved, mine in (("seed", state.get("seed"), self.cfg.seed), ("seq_len", state.get("seq_len"),
+                                 self.cfg.seq_len), ("weights", state.get("weights"), self.weights),
+                                 ("blend", saved_blend, mine_blend)):
+            if saved != mine:
+                raise ConfigError(f"{where}: saved with {key} {saved!r}, this sampler has {mine!r}; a changed "
                                   "seq_len or mixture is a new stage: build a new sampler (continue_domains carries "
                                   "the data positions over)")
-        self._check_domains(state, where)
-        rng = state["rng"]
-        self._rng.bit_generator.state = {"bit_generator": "PCG64",
-                                         "state": {"state": int(rng["state"]), "inc": int(rng["inc"])},
-                                         "has_uint32": rng["has_uint32"], "uinteger": rng["uinteger"]}
+        self._main.check_domains(state["domains"], where)
+        if blend:
+            self._blend.check_domains(blend["domains"], f"{where} (blend)")
+        _set_rng_state(self._main.rng, state["rng"])
         self._sequences = state["sequences"]
-        self._adopt_domains(state)
+        self._main.adopt_domains(state["domains"])
+        if blend:
+            _set_rng_state(self._blend.rng, blend["rng"])
+            _set_rng_state(self._choice, blend["choice_rng"])
+            self._blend.adopt_domains(blend["domains"])
 
     def continue_domains(self, previous_state: dict) -> None:
         """Start each domain where an earlier stage's sampler left it (same permutation
@@ -506,25 +609,8 @@ class MixtureSampler:
         if not isinstance(previous_state, dict) or previous_state.get("format") != SAMPLER_FORMAT:
             raise ConfigError(f"{where}: not a {SAMPLER_FORMAT} state")
         shared = {k: v for k, v in previous_state["domains"].items() if k in self.weights}
-        self._check_domains({"domains": shared}, where, exact=False)
-        self._adopt_domains({"domains": shared})
-
-    def _check_domains(self, state: dict, where: str, exact: bool = True) -> None:
-        saved = state["domains"]
-        if exact and sorted(saved) != self.domains:
-            raise ConfigError(f"{where}: domains {sorted(saved)} differ from this sampler's {self.domains}")
-        for name, entry in saved.items():
-            tokens = self.source.domain(name).train.tokens
-            if entry["tokens_per_epoch"] != tokens:
-                raise ConfigError(f"{where}: domain {name!r} had {entry['tokens_per_epoch']} training tokens, "
-                                  f"{self.source.shards_dir} now has {tokens}; the shards or the validation "
-                                  "split changed")
-
-    def _adopt_domains(self, state: dict) -> None:
-        for name, entry in state["domains"].items():
-            i = self.domains.index(name)
-            self._perm_seeds[i] = entry["seed"]
-            self._positions[i] = entry["epoch"] * entry["tokens_per_epoch"] + entry["cursor"]
+        self._main.check_domains(shared, where, exact=False)
+        self._main.adopt_domains(shared)
 
 
 def open_data(cfg: DataConfig, rank: int = 0, world_size: int = 1,

@@ -172,3 +172,17 @@ class CausalLM(torch.nn.Module):
                                use_cache=False).last_hidden_state  # (B, T, C)
         return linear_cross_entropy(hidden.flatten(0, 1), self.hf.lm_head.weight, labels.flatten(),
                                     chunk_size=self.kernels.ce_chunk_size, backend=self.kernels.backend)
+
+
+def config_of(hf_config) -> ModelConfig:
+    """The ModelConfig of a Hugging Face config that `hf_config` built (an exported
+    model's): what a run that starts from that model trains, for its FLOPs and checks."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", ModelConfig.rope_theta))
+    return ModelConfig(vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
+                       intermediate_size=hf_config.intermediate_size, num_layers=hf_config.num_hidden_layers,
+                       num_heads=hf_config.num_attention_heads, num_kv_heads=hf_config.num_key_value_heads,
+                       rope_theta=float(theta), max_position_embeddings=hf_config.max_position_embeddings,
+                       rms_norm_eps=hf_config.rms_norm_eps, tie_embeddings=bool(hf_config.tie_word_embeddings),
+                       sliding_window=getattr(hf_config, "sliding_window", None) or 0,
+                       init_std=hf_config.initializer_range)

@@ -30,6 +30,7 @@ class RunConfig:
     shards: str = ""  # token shards directory (kiln curate tokenize; holds availability.json)
     tokenizer: str = ""  # tokenizer directory copied into exported models (optional)
     init: str = ""  # a Hugging Face model directory (safetensors) the first stage starts from; "" = fresh weights
+    extra_shards: dict = field(default_factory=dict)  # {name = "DIR"}: more shards directories, each read as one domain of that name
     seed: int = 0  # model init and data order
     val_fraction: float = 0.01  # held-out share of each domain's documents for validation loss / bpb
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
@@ -49,6 +50,8 @@ class StageConfig:
     name: str = ""  # stage name: core, long_context_1, anneal, ...
     mixture: str = ""  # contract-4 mixture TOML file, relative to the recipe
     weights: dict = field(default_factory=dict)  # or the mixture inline: {general = 0.7, code = 0.3}
+    blend: dict = field(default_factory=dict)  # a second mixture drawn with probability blend_ratio, the rest of the stream unchanged (probes)
+    blend_ratio: float = 0.0  # share of sequences from `blend`, in (0, 1)
     tokens: int = 0  # token budget of the stage
     seq_len: int = 256  # tokens per sequence
     batch_size: int = 8  # sequences per optimizer step, over all ranks
@@ -111,6 +114,8 @@ def parse(data: dict, where: str = "recipe") -> Recipe:
         names.add(s.name)
         if bool(s.mixture) == bool(s.weights):
             raise ConfigError(f"{at}: give either mixture (a file) or weights (inline), not {'both' if s.mixture else 'neither'}")
+        if s.blend and not 0 < s.blend_ratio < 1:
+            raise ConfigError(f"{at}: blend_ratio must be in (0, 1) with a blend, got {s.blend_ratio}")
         if s.tokens <= 0:
             raise ConfigError(f"{at}: tokens must be > 0 (the stage's token budget)")
         if s.schedule not in SCHEDULES:

@@ -171,7 +171,7 @@ def train(recipe: Recipe, options: RunOptions | None = None) -> list[dict]:
 def start_run(recipe: Recipe, options: RunOptions) -> Run:
     world = init_distributed()
     torch.manual_seed(recipe.run.seed)
-    source = TokenSource(recipe.run.shards, recipe.run.val_fraction)
+    source = TokenSource(recipe.run.shards, recipe.run.val_fraction, extra=recipe.run.extra_shards)
     model_cfg = resolve(recipe.model, vocab_size=source.vocab_size, where=f"{recipe.path}: [model]")
     source.check_vocab(model_cfg.vocab_size)
     tokenizer = tokenizer_dir(recipe, source)
@@ -241,7 +241,8 @@ def setup_stage(run: Run, i: int, previous: str) -> TrainingStage:
     data_cfg = DataConfig(shards_dir=recipe.run.shards, seq_len=cfg.seq_len, batch_size=micro,
                           seed=recipe.run.seed + 1000 * i, val_fraction=recipe.run.val_fraction,
                           doc_masking=cfg.doc_masking)
-    sampler = MixtureSampler(run.source, mixture, data_cfg, world.rank, world.size)
+    blend = Mixture.from_dict({"mixture": cfg.blend}, path=f"{recipe.path}: [[stage]] {cfg.name} blend") if cfg.blend else None
+    sampler = MixtureSampler(run.source, mixture, data_cfg, world.rank, world.size, blend, cfg.blend_ratio)
     validator = Validator(run.source, cfg, micro, world, run.tokenizer)
     paths = stage_paths(recipe, i)
     resolved = resolved_config(run, cfg, model, mixture)
@@ -258,7 +259,9 @@ def setup_stage(run: Run, i: int, previous: str) -> TrainingStage:
     meter = Throughput(flops_per_token(n_params, run.model_cfg.num_layers, run.model_cfg.hidden_size, cfg.seq_len),
                        peak_flops(world.device), world.size)
     run.log.print(f"[{cfg.name}] {n_params / 1e6:.2f}M non-embedding parameters, {cfg.tokens:,} tokens, "
-                  f"seq_len {cfg.seq_len}, mixture {mixture.weights}, {model.kernels.backend} kernels")
+                  f"seq_len {cfg.seq_len}, mixture {mixture.weights}"
+                  + (f" blended {cfg.blend_ratio:.0%} with {cfg.blend}" if cfg.blend else "")
+                  + f", {model.kernels.backend} kernels")
     return TrainingStage(cfg, paths, mixture, micro, model, optimizer, sampler, validator, resolved, state, metrics, meter)
 
 

@@ -498,3 +498,76 @@ def test_stream_does_not_depend_on_shard_layout(tmp_path):
     for _ in range(20):
         x, y = sa.next_batch(), sb.next_batch()
         assert x.input_ids.tolist() == y.input_ids.tolist()
+
+
+# ---------------------------------------------------------------------------
+# Blends (annealing probes) and extra shard directories
+
+
+def blended(source, blend, ratio=0.3, seed=0, rank=0, world_size=1, weights=WEIGHTS):
+    cfg = DataConfig(seq_len=15, batch_size=8, seed=seed)
+    return MixtureSampler(source, Mixture(dict(weights)), cfg, rank, world_size, Mixture(dict(blend)), ratio)
+
+
+def test_a_blend_leaves_the_default_mix_stream_a_prefix_of_the_unblended_one(corpus, source):
+    """The probe's pairing: with the same seed, the candidate arm's default-mix sequences
+    are, in order, the control arm's sequences, even when the blend draws from a domain
+    the default mix also has (math): it reads that domain from a position of its own."""
+    control, arm = sampler(source), blended(source, {"math": 1.0})
+    n_main = len(arm.domains)
+    main_rows, blend_rows = [], []
+    for _ in range(30):
+        b = arm.next_batch()
+        for row, d in zip(windows(b), b.domain_index.tolist()):
+            (main_rows if d < n_main else blend_rows).append((row, d))
+    reference = []
+    for _ in range(30):
+        b = control.next_batch()
+        reference.extend(zip(windows(b), b.domain_index.tolist()))
+    assert main_rows == reference[:len(main_rows)]
+    assert 0.2 < len(blend_rows) / 240 < 0.4  # 72 of 240 expected at ratio 0.3
+    assert {arm.blend_domains[d - n_main] for _, d in blend_rows} == {"math"}
+    held = set(source.val_doc_ids("math"))
+    owners = [corpus.owner[t] for row, _ in blend_rows for t in row if t != EOS]
+    assert {domain for domain, _ in owners} == {"math"} and not held & {doc for _, doc in owners}
+    # Another permutation of the same documents than the default mix's math windows.
+    first_main_math = next(row for row, d in main_rows if arm.domains[d] == "math")
+    assert blend_rows[0][0] != first_main_math
+    assert arm.metrics()["data/epochs/blend/math"] > 0
+
+
+def test_a_blended_sampler_resumes_exactly_and_refuses_another_blend(source):
+    a = blended(source, {"math": 0.5, "code": 0.5})
+    for _ in range(5):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    b = blended(source, {"math": 0.5, "code": 0.5})
+    b.load_state_dict(state)
+    for _ in range(5):
+        assert_batches_equal(a.next_batch(), b.next_batch())
+    with pytest.raises(ConfigError, match=r"saved with blend .* this sampler has"):
+        blended(source, {"math": 1.0}).load_state_dict(state)
+    with pytest.raises(ConfigError, match=r"saved with blend None"):
+        blended(source, {"math": 1.0}).load_state_dict(sampler(source).state_dict())
+    with pytest.raises(ConfigError, match=r"blend_ratio must be in \(0, 1\), got 1.0"):
+        blended(source, {"math": 1.0}, ratio=1.0)
+
+
+def test_two_ranks_of_a_blend_interleave_into_the_single_process_stream(source):
+    single = blended(source, {"code": 1.0})
+    ranks = [blended(source, {"code": 1.0}, rank=r, world_size=2) for r in range(2)]
+    for _ in range(4):
+        whole = windows(single.next_batch(8))
+        parts = [windows(s.next_batch(4)) for s in ranks]
+        assert whole == [row for pair in zip(*parts) for row in pair]
+
+
+def test_extra_shards_are_one_domain_named_by_their_key(corpus, tmp_path):
+    extra = write_shards(tmp_path / "extra", {"x": {"x-0": [8000, 8001, 8002]}, "y": {"y-0": [8003, 8004]}})
+    source = TokenSource(str(corpus.root), val_fraction=0.0, extra={"candidate:new": str(extra)})
+    assert source.domain("candidate:new").train.tokens == 7  # both documents, EOS included
+    with pytest.raises(ConfigError, match=r"extra shards named 'math', a domain .* already has"):
+        TokenSource(str(corpus.root), val_fraction=0.0, extra={"math": str(extra)})
+    other = write_shards(tmp_path / "other", {"x": {"x-0": [1, 2]}}, tokenizer_hash="b" * 64)
+    with pytest.raises(ConfigError, match=r"tokenizer_hash 'b{64}' differs"):
+        TokenSource(str(corpus.root), val_fraction=0.0, extra={"new": str(other)})
