@@ -18,7 +18,7 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(PY))
 export KILN_LID_MODEL := $(abspath $(LID_MODEL))
 
-.PHONY: setup demo test bench faults clean
+.PHONY: setup demo probe test bench faults clean
 
 setup: $(STAMP) $(LID_MODEL)
 
@@ -77,6 +77,16 @@ demo: setup $(SAMPLE) $(MODELS)/quality.bin $(MODELS)/domain.bin $(MODELS)/score
 		--max-epochs 4 --out $(MIX)/mixture.toml
 	$(KILN) mix report $(MIX)/fit.json --runs $(MIX)/runs/runs.csv --availability $(SHARDS)/availability.json \
 		--target-tokens 200000 --max-epochs 4 --out $(MIX)/report
+	$(KILN) probe run $(PROBE_RECIPE)
+
+# The annealing probe alone, on the demo's shards (make demo first): a short base, then
+# the math domain, the code domain and the filter stage's drops against the control,
+# 3 paired seeds each (about 75 s on 2 cores), and how sure each ranking is.
+PROBE_RECIPE := recipes/probe_demo.toml
+probe: setup
+	@test -f $(SHARDS)/availability.json || { echo "no demo shards in $(SHARDS): run make demo first"; exit 2; }
+	$(KILN) probe run $(PROBE_RECIPE)
+	$(KILN) probe report out/probe/demo --decisions --no-plot
 
 # The tests, then the fault suite without writing its table (make faults writes it).
 test: setup

@@ -3,6 +3,7 @@
     kiln curate STAGE|pipeline|train-*|sample ...   curation on Spark        (kiln/curation/cli.py)
     kiln mix design|run|fit|optimize|report ...      the mixture optimizer    (kiln/mixing/cli.py)
     kiln train RECIPE                                staged pretraining       (kiln/training/cli.py)
+    kiln probe run PROBE.toml | report OUT           annealing probes         (kiln/probe/cli.py)
 
 `kiln PART --help` explains each; `torchrun -m kiln.training RECIPE` trains with FSDP2.
 """
@@ -25,6 +26,7 @@ PARTS = {
     "curate": ("kiln.curation.cli", "curation stages on Spark"),
     "mix": ("kiln.mixing.cli", "mixture optimizer: design proxies, fit a mixing law, optimize under caps"),
     "train": ("kiln.training.cli", "staged pretraining from a TOML recipe (FSDP2 under torchrun)"),
+    "probe": ("kiln.probe.cli", "annealing probes: does a dataset help? (paired seeds, intervals, a verdict)"),
 }
 
 
@@ -33,7 +35,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     named = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="kiln", description="Pretraining data for LLMs: curation on Spark (kiln curate), the mixture "
-                                  "optimizer (kiln mix) and staged training (kiln train).",
+                                  "optimizer (kiln mix), staged training (kiln train) and annealing probes (kiln probe).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, summary) in PARTS.items():

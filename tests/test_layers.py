@@ -17,6 +17,7 @@ ALLOWED = {
     "curation": {"config", "formats", "curation"},
     "training": {"config", "formats", "kernels", "training"},
     "mixing": {"config", "formats", "kernels", "training", "mixing"},
+    "probe": {"config", "formats", "kernels", "curation", "training", "probe"},
     "demo": {"config", "formats", "curation", "demo"},
 }
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from random import Random
 
-from kiln.demo.maths import math_pages
+from kiln.demo.maths import MATH_EXAMPLES, math_pages
 from kiln.demo.pages import (CITIES, SPAM_KEYWORDS, SPAM_TEMPLATES, Page, boilerplate_pages, code_pages, dirty_pages,
                              log_pages, prose_pages, rng_for, spam_pages, too_short_pages)
 from kiln.demo.sources import MATH_MODULES, ModuleInfo, clean_rst, dirty_words, math_docs, stdlib_modules
@@ -120,4 +120,15 @@ def build_labels(out_dir: str | Path, seed: int = 1) -> dict:
     idle = [m for m in mods if m.name.startswith("idlelib")]
     counts["eval_pydoc_qa"] = dump("eval/pydoc_qa.jsonl", passages(used, rng_for(seed, "labels:eval"), 60))
     counts["eval_idle_qa"] = dump("eval/idle_qa.jsonl", passages(idle, rng_for(seed, "labels:idle"), 20))
+
+    # The annealing probe's eval sets (make probe): worked maths examples as text (bits
+    # per byte), and the pydoc passages as multiple choice (kiln probe's format).
+    probe_rng = rng_for(seed, "labels:probe-math")
+    examples = [g(probe_rng) for g in (probe_rng.choice(gens) for gens in MATH_EXAMPLES.values() for _ in range(6))]
+    counts["eval_math_text"] = dump("eval/math_text.jsonl", [{"text": "\n\n".join([heading, *paras])}
+                                                              for heading, paras in examples])
+    qa = passages(used, rng_for(seed, "labels:eval"), 60)  # the rows of pydoc_qa.jsonl again
+    counts["eval_pydoc_mc"] = dump("eval/pydoc_mc.jsonl", [
+        {"context": row["question"] + "\nAnswer:", "choices": row["choices"], "answer": row["choices"].index(row["answer"])}
+        for row in qa])
     return counts

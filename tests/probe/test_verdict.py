@@ -9,7 +9,7 @@ import pytest
 
 from kiln.config import ConfigError
 from kiln.formats.probe import read_results, read_verdict, write_results, write_verdict
-from kiln.training.probe.verdict import HELPS, HURTS, NO_EFFECT, bootstrap_interval, compare, judge, seeds_needed
+from kiln.probe.verdict import HELPS, HURTS, NO_EFFECT, bootstrap_interval, compare, judge, seeds_needed
 
 T_975_2 = 4.302652729749464  # Student's t, 97.5th percentile, 2 degrees of freedom (tables)
 CONTROL = {0: 2.500, 1: 2.510, 2: 2.490}
