@@ -8,7 +8,8 @@ steps (train_step, timed by wrapping the trainer's own function in the probe pro
 
 Both sides start from the same base (the demo probe's half-way checkpoint, exported
 once, untimed) and the same candidate data (the filter stage's drops tokenized once,
-untimed); each side writes into a fresh directory. The separate runs are the recipes
+untimed); each side writes into a fresh directory (the set-up's arms in one of their own, so
+the timed probe reuses none). The separate runs are the recipes
 the probe itself builds (`kiln.probe.run.arm_recipe`), written as TOML, so both sides
 train exactly the same arms; they do not evaluate (a user of separate runs would still
 have to). Run on the demo's shards (make demo first):
@@ -125,7 +126,8 @@ def main() -> int:
     # Untimed set-up: the demo probe's base and its spam candidate's shards.
     log("set-up: the demo probe's base and candidate shards (kiln probe run recipes/probe_demo.toml)")
     subprocess.run([*KILN, "probe", "run", "recipes/probe_demo.toml", "--seeds", "1", "--output",
-                    str(work / "setup")], cwd=ROOT, check=True, capture_output=True)
+                    str(work / "setup"), "--arms", str(work / "setup_arms")], cwd=ROOT, check=True,
+                   capture_output=True)
     base = str(ROOT / "out/probe/base/01_core/checkpoints/step-00000059")
     spam = next((work / "setup" / "candidates").glob("filtered_spam-*")) / "02_tokenize" / "shards"
 

@@ -1,7 +1,8 @@
 """`kiln probe run PROBE.toml` and `kiln probe report OUT`.
 
     kiln probe run recipes/probe_demo.toml                    every arm, then the verdict
-    kiln probe run P.toml --seeds 5 --output out/probe/p5     flags override [probe] keys
+    kiln probe run P.toml --seeds 5 --output out/probe/p5     options override [probe] keys (one per key)
+    kiln probe run P.toml --set probe.default='{general=0.7,code=0.3}'   any key of the file
     kiln probe report out/probe/demo --decisions              re-print, re-plot, decision accuracy
     torchrun --nproc_per_node=8 -m kiln.probe P.toml          the arms with FSDP2 on 8 GPUs
 """
@@ -16,12 +17,9 @@ DESCRIPTION = ("Annealing probes: anneal a base model (LR linearly to 0) on the 
                "candidate dataset mixed into it, over paired seeds, and say with intervals whether each candidate "
                "helps, hurts or has no detectable effect.")
 
-OVERRIDES = (("output", str, "override [probe] output"), ("base", str, "override [probe] base"),
-             ("shards", str, "override [probe] shards"), ("seeds", int, "override [probe] seeds"),
-             ("seed", int, "override [probe] seed (the first seed)"),
-             ("tokens", int, "override [probe] tokens"), ("ratio", float, "override [probe] ratio"),
-             ("lr", float, "override [probe] lr (0 = the base's own)"),
-             ("primary", str, "override [probe] primary"), ("arms", str, "override [probe] arms"))
+# Keys that replace one another: an option giving one drops the file's other.
+ALTERNATIVES = (("base", ("base_recipe", "base_stage", "base_step")), ("base_recipe", ("base",)),
+                ("default_mixture", ("default",)))
 
 
 def add_parser(sub) -> None:
@@ -40,19 +38,42 @@ def add_parser(sub) -> None:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from kiln.config import add_config_options
+    from kiln.probe.config import ProbeConfig
+
     p.add_argument("probe", help="probe TOML: [probe], [[candidate]], [[eval]] (see recipes/probe_demo.toml)")
-    for name, kind, text in OVERRIDES:
-        p.add_argument(f"--{name}", type=kind, help=text)
+    add_config_options(p, ProbeConfig, "probe")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="set_values",
+                   help="set any key of the file, e.g. probe.default={general=0.7,code=0.3} or parallel.mixed_precision"
+                        "=bf16 (repeatable; the value is read as TOML); options override --set")
+
+
+def probe_for(args):
+    """The probe a command runs: the file, then --set, then the options (an option naming
+    the base or the default mixture replaces the file's other way of giving it)."""
+    from kiln.config import config_overrides, load_toml, merge, parse_set
+    from kiln.probe import config
+
+    data = load_toml(args.probe)
+    for override in (parse_set(args.set_values), config_overrides(args)):
+        given = override.get("probe", {})
+        table = dict(data.get("probe", {}))
+        for key, others in ALTERNATIVES:
+            if key in given:
+                for other in others:
+                    if other not in given:
+                        table.pop(other, None)
+        # [probe] keys are replaced whole (an inline default mixture is not merged weight by weight)
+        data = {**merge(data, {k: v for k, v in override.items() if k != "probe"}), "probe": {**table, **given}}
+    return config.parse(data, where=args.probe, base_dir=os.path.dirname(os.path.abspath(args.probe)))
 
 
 def run(args) -> int:
     if args.probe_command == "report":
         return report(args)
-    from kiln.probe import config
     from kiln.probe.run import run as run_probe
 
-    probe = config.with_overrides(config.load(args.probe), **{n: getattr(args, n) for n, _k, _t in OVERRIDES})
-    verdict = run_probe(probe)
+    verdict = run_probe(probe_for(args))
     return 0 if verdict is not None else 1
 
 

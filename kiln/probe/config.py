@@ -23,7 +23,6 @@ in a training recipe, apply to every arm.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # candidate and eval names: 
 
 @dataclass
 class ProbeConfig:
-    output: str = ""  # results.csv, verdict.json, the plot, and (unless `arms` says otherwise) the arms' runs
+    output: str = ""  # results.csv, verdict.json and the plot (and base/ and candidates/: exports and tokenized data)
     base: str = ""  # the model annealed: an exported stage (NN_<stage>/final) or a checkpoint (checkpoints/step-N)
     base_recipe: str = ""  # or a training recipe run first (a rerun reuses it); its base_stage's export is the base
     base_stage: str = ""  # base_recipe's stage whose end is the base ("" = the last stage)
@@ -60,7 +59,7 @@ class ProbeConfig:
     eval_batches: int = 32  # held-out batches per domain for the val: metrics (0 = every held-out window)
     eval_batch_size: int = 8  # sequences per forward when evaluating
     checkpoint_every: int = 0  # steps between an arm's checkpoints (0 = half-way and at the end)
-    arms: str = ""  # directory of the arms' runs ("" = OUTPUT/arms); probes sharing it reuse each other's finished arms
+    arms: str = ""  # directory of the arms' runs ("" = arms/ beside OUTPUT); probes sharing it reuse each other's arms
     tokenizer: str = ""  # tokenizer directory ("" = the base's own tokenizer.json)
 
 
@@ -205,11 +204,3 @@ def _check_name(name: str, taken: set[str], where: str) -> None:
     if name in taken:
         raise ConfigError(f"{where}: name {name!r} is taken" + (" (by the control arm)" if name == "control" else ""))
     taken.add(name)
-
-
-def with_overrides(probe: Probe, **values) -> Probe:
-    """The probe with [probe] keys replaced (the CLI's flags), checked again."""
-    given = {k: v for k, v in values.items() if v is not None}
-    out = dataclasses.replace(probe, probe=dataclasses.replace(probe.probe, **given))
-    check(out)
-    return out

@@ -43,7 +43,9 @@ def format_table(verdict: dict) -> str:
         for metric, c in metrics.items():
             interval = f"[{_num(c['lower'])}, {_num(c['upper'])}]"
             note = c["verdict"]
-            if c["verdict"] == "no detectable effect":
+            if c["method"] == "none":
+                note += " (one seed: no interval; run 2 or more)"
+            elif c["verdict"] == "no detectable effect":
                 note += (f" ({c['seeds_needed']} seeds would resolve an effect this size)" if c.get("seeds_needed")
                          else " (too small to resolve)")
             lines.append(f"{name:<16} {metric + (' *' if metric == verdict['primary'] else ''):<28} "

@@ -153,13 +153,19 @@ class Arm:
 def arms(planned: Plan) -> list[Arm]:
     """Every arm, seed by seed: the control, then each candidate."""
     p = planned.probe.probe
-    root = p.arms or os.path.join(p.output, "arms")
+    root = p.arms or default_arms(p.output)
     out = []
     for seed in planned.probe.seed_list:
         for c in [None, *planned.candidates]:
             key = arm_key(planned, c, seed)
             out.append(Arm(c.name if c else CONTROL, seed, c, os.path.join(root, f"s{seed}-{key}"), key))
     return out
+
+
+def default_arms(output: str) -> str:
+    """`arms/` beside the probe's output: probes whose outputs share a parent directory
+    (out/probe/a, out/probe/b) share their arms, so nothing they have in common trains twice."""
+    return os.path.join(os.path.dirname(os.path.abspath(output)), "arms")
 
 
 def arm_key(planned: Plan, c: cands.Candidate | None, seed: int) -> str:
@@ -213,10 +219,10 @@ def run(probe: Probe, options: ProbeOptions | None = None) -> dict | None:
     from kiln.training.train import RunOptions, stage_paths, train
 
     options = options or ProbeOptions()
-    log = options.log
     world = init_distributed()
+    log = options.log if world.main else (lambda m: None)
     p = probe.probe
-    planned = _first_on_rank0(world, lambda: plan(probe, log if world.main else (lambda m: None)))
+    planned = _first_on_rank0(world, lambda: plan(probe, log))
     stop = options.stop_after_steps
     if planned.base is None:
         path = bases.train_base_recipe(p.base_recipe, p.base_stage, p.base_step, log, RunOptions(stop_after_steps=stop))

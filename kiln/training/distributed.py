@@ -24,7 +24,9 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        """Part of a process group of several processes. A World of size 1 inside a
+        torchrun job (rank 0 evaluating alone) runs no collectives."""
+        return self.size > 1 and dist.is_available() and dist.is_initialized()
 
     @property
     def main(self) -> bool:

@@ -149,24 +149,26 @@ def test_the_arms_anneal_from_the_base_checkpoints_lr_linearly_to_zero(root, pro
 def test_a_killed_probe_resumes_to_the_same_numbers_and_a_rerun_trains_nothing(root, probed):
     full, _ = probed
     out = root / "runs" / "killed"
+    own = f'arms = "{root / "killed_arms"}"'
     lines: list[str] = []
-    assert run(load(root, out, seeds=1), ProbeOptions(stop_after_steps=8, log=lines.append)) is None
+    assert run(load(root, out, seeds=1, extra=own), ProbeOptions(stop_after_steps=8, log=lines.append)) is None
     assert any("stopped during arm control seed 0" in line for line in lines)
     assert not (out / "results.csv").exists()
-    run(load(root, out, seeds=1), ProbeOptions(log=lambda m: None))
+    run(load(root, out, seeds=1, extra=own), ProbeOptions(log=lambda m: None))
     again: list[str] = []
-    run(load(root, out, seeds=1), ProbeOptions(log=again.append))
+    run(load(root, out, seeds=1, extra=own), ProbeOptions(log=again.append))
     assert sum("(finished earlier)" in line for line in again) == 3
     resumed = pl.read_csv(out / "results.csv")
     uninterrupted = pl.read_csv(full / "results.csv").filter(pl.col("seed") == 0)
     assert resumed.equals(uninterrupted)
 
 
-def test_probes_sharing_an_arms_directory_reuse_each_others_arms(root, probed):
+def test_probes_beside_each_other_share_their_arms(root, probed):
+    """Outputs in one directory share arms/ there: the second probe trains nothing."""
     full, _ = probed
     out = root / "runs" / "shared"
     lines: list[str] = []
-    run(load(root, out, extra=f'arms = "{full / "arms"}"'), ProbeOptions(log=lines.append))
+    run(load(root, out), ProbeOptions(log=lines.append))
     assert sum("(finished earlier)" in line for line in lines) == 9
     assert pl.read_csv(out / "results.csv").equals(pl.read_csv(full / "results.csv"))
 
@@ -181,7 +183,7 @@ def failing(root: Path, tmp_path: Path, match: str, edit=None, **kw) -> None:
         edit(root, tmp_path, path)
     with pytest.raises(ConfigError, match=match):
         run(probe_config.load(str(path)), ProbeOptions(log=lambda m: None))
-    assert not (root / "never_run").exists() and not (tmp_path / "out" / "arms").exists()
+    assert not (root / "never_run").exists() and not (tmp_path / "arms").exists()
 
 
 def replace(old: str, new: str):
@@ -259,3 +261,32 @@ def _corpus_vocab(root: Path) -> int:
     from kiln.curation.tokenizer import load_tokenizer
 
     return load_tokenizer(str(root / "tok"), log=lambda m: None).vocab_size
+
+
+def test_kiln_probe_report_reprints_the_verdict_and_estimates_decisions(probed, capsys):
+    from kiln.cli import main
+
+    out, verdict = probed
+    assert main(["probe", "report", str(out), "--decisions", "--no-plot"]) == 0
+    printed = capsys.readouterr().out
+    assert format_table(verdict) in printed
+    assert "decision accuracy on eval:es" in printed and "good > random: bootstrap " in printed
+
+
+def test_options_override_the_file_and_a_base_option_replaces_its_base_recipe(root, tmp_path, capsys):
+    from kiln.cli import main
+    from kiln.probe.cli import add_run_arguments, probe_for
+
+    path = tmp_path / "p.toml"
+    path.write_text(probe_text(root, tmp_path / "out"))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    probe = probe_for(parser.parse_args([str(path), "--base", str(tmp_path / "final"), "--seeds", "5",
+                                         "--set", "probe.default={general=0.5,code=0.5}"]))
+    p = probe.probe
+    assert (p.base, p.base_recipe, p.base_step, p.seeds) == (str(tmp_path / "final"), "", 0, 5)
+    assert probe.default_mixture().active() == {"code": 0.5, "general": 0.5}
+    assert main(["probe", "run", str(path), "--ratio", "1.5"]) == 2
+    assert "[probe] ratio: 1.5 is not in (0, 1)" in capsys.readouterr().err
