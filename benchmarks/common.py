@@ -213,3 +213,60 @@ class Rates:
     def other_load(self) -> float:
         """Share of the machine's CPU that other processes took while this ran."""
         return self.other_cpu_s / (self.seconds * (os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------- memory benchmarks (kernels, post)
+
+
+def maxrss_bytes() -> int:
+    """This process's resident-memory high-water mark."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_worker(script: str, spec: dict) -> dict:
+    """One case of a memory benchmark in a fresh interpreter (`script --worker SPEC`:
+    ru_maxrss cannot be reset), with the CPU use of other processes recorded."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    with Monitor() as mon:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {spec['method']} V={spec['vocab']} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["other_load"] = round(mon.other_load, 3)
+    result["process_s"] = round(mon.seconds, 1)
+    return result
+
+
+def compare_to_naive(rows: list[dict], methods: tuple[str, ...], memory_target: float, time_target: float,
+                     grads: tuple[str, ...] = ("grad_weight_norm",)) -> list[dict]:
+    """Each method's peak memory and median time over the naive method's, per vocabulary,
+    with the loss and gradient-norm differences that say both computed the same thing."""
+    out = []
+    by = {(r["vocab"], r["method"]): r for r in rows}
+    for vocab in sorted({r["vocab"] for r in rows}):
+        naive = by[(vocab, "naive")]
+        for method in methods:
+            if (vocab, method) not in by:
+                continue
+            r = by[(vocab, method)]
+            mem = r["peak_added_mib"] / naive["peak_added_mib"]
+            tim = r["median_s"] / naive["median_s"]
+            out.append({"vocab": vocab, "method": method, "memory_ratio": round(mem, 3), "time_ratio": round(tim, 3),
+                        "loss_abs_diff": abs(r["loss"] - naive["loss"]),
+                        **{f"{g}_rel_diff": abs(r[g] / naive[g] - 1) for g in grads},
+                        "memory_result": "PASS" if mem <= memory_target else "MISS",
+                        "time_result": "PASS" if tim <= time_target else "MISS"})
+    return out

@@ -42,9 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -52,7 +50,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import Monitor, log, machine, versions, wait_until_quiet, write_results  # noqa: E402
+from common import (compare_to_naive, log, machine, maxrss_bytes, rss_bytes, run_worker, versions,  # noqa: E402
+                    wait_until_quiet, write_results)
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMORY_TARGET = 0.3  # kiln peak memory <= 0.3 x naive
@@ -64,17 +63,6 @@ LABELS = {"naive": "naive: F.linear + transformers ForCausalLMLoss (full fp32 lo
 
 
 # --------------------------------------------------------------------------- worker (one case, one process)
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _loss_fn(method: str, vocab: int):
@@ -124,12 +112,12 @@ def worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base, rss_before = _maxrss_bytes(), _rss_bytes()
+        base, rss_before = maxrss_bytes(), rss_bytes()
     first = step()
     if cuda:
         peak_added = torch.cuda.max_memory_allocated() - base
     else:
-        peak_added = _maxrss_bytes() - base
+        peak_added = maxrss_bytes() - base
     times = [step() for _ in range(spec["reps"])]
     out = {**spec, "peak_added_mib": round(peak_added / 2**20, 1), "first_s": round(first, 3),
            "times_s": [round(x, 3) for x in times], "median_s": round(statistics.median(times), 3),
@@ -143,39 +131,6 @@ def worker(spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def run_case(spec: dict) -> dict:
-    """One case in a fresh interpreter (ru_maxrss cannot be reset), CPU use of others recorded."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with Monitor() as mon:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"case {spec['method']} V={spec['vocab']} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["other_load"] = round(mon.other_load, 3)
-    result["process_s"] = round(mon.seconds, 1)
-    return result
-
-
-def compare(rows: list[dict], device: str) -> list[dict]:
-    out = []
-    by = {(r["vocab"], r["method"]): r for r in rows}
-    for vocab in sorted({r["vocab"] for r in rows}):
-        naive = by[(vocab, "naive")]
-        for method in METHODS[device][1:]:
-            if (vocab, method) not in by:
-                continue
-            r = by[(vocab, method)]
-            mem = r["peak_added_mib"] / naive["peak_added_mib"]
-            tim = r["median_s"] / naive["median_s"]
-            out.append({"vocab": vocab, "method": method, "memory_ratio": round(mem, 3), "time_ratio": round(tim, 3),
-                        "loss_abs_diff": abs(r["loss"] - naive["loss"]),
-                        "grad_weight_norm_rel_diff": abs(r["grad_weight_norm"] / naive["grad_weight_norm"] - 1),
-                        "memory_result": "PASS" if mem <= MEMORY_TARGET else "MISS",
-                        "time_result": "PASS" if tim <= TIME_TARGET else "MISS"})
-    return out
 
 
 def render(report: dict) -> str:
@@ -251,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{method} V={vocab}")
             if not cuda:
                 wait_until_quiet(args.max_wait)
-            rows.append(run_case(spec))
+            rows.append(run_worker(__file__, spec))
             r = rows[-1]
             log(f"  peak added {r['peak_added_mib']:.0f} MiB, median {r['median_s']:.2f} s, loss {r['loss']:.5f}, "
                 f"other load {r['other_load']:.0%}")
@@ -278,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
               "args": {k: v for k, v in vars(args).items() if k != "worker"}, "chunk_note": chunk_note,
               "quiet_before": round(quiet, 3),
               "command": "python benchmarks/kernels_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "rows": rows, "comparisons": compare(rows, device), "notes": notes}
+              "rows": rows, "comparisons": compare_to_naive(rows, METHODS[device][1:], MEMORY_TARGET, TIME_TARGET,
+                                                                 ("grad_weight_norm",)), "notes": notes}
     md = render(report)
     print(md)
     name = "kernels_memory" if not cuda else "kernels_memory_gpu"

@@ -6,6 +6,11 @@ What the model runs, and where it comes from:
   point, called by `kiln.training.model.CausalLM.forward`. Liger's fused linear
   cross-entropy on CUDA, the chunked reference (`reference.linear_cross_entropy`)
   elsewhere; neither holds the (tokens x vocab) logits.
+- Per-token log-probs: `linear_logprobs(hidden, lm_head.weight, targets)`, the same
+  two paths, for post-training (DPO's sequence log-probs, the reference's cached ones).
+- DPO from hidden states: `linear_dpo_loss` (`linear_logprobs` then the DPO loss);
+  `dpo_loss` on given sequence log-probs and the reward model's Bradley-Terry
+  `reward_loss` are plain PyTorch on (B,) tensors (`kiln.kernels.preference`).
 - RMSNorm, SwiGLU and RoPE: transformers' own modules off CUDA; on CUDA, Liger's,
   patched into the transformers model by `apply_liger_to_model`.
 
@@ -24,12 +29,14 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels import reference
+from kiln.kernels import preference, reference
 from kiln.kernels.backend import (BACKENDS, KernelsConfig, default_backend, resolve_backend, resolve_for,
                                   use_backend)
+from kiln.kernels.preference import dpo_loss, reward_loss
 
-__all__ = ["BACKENDS", "KernelsConfig", "apply_liger_to_model", "default_backend", "linear_cross_entropy",
-           "resolve_backend", "use_backend"]
+__all__ = ["BACKENDS", "KernelsConfig", "apply_liger_to_model", "default_backend", "dpo_loss",
+           "linear_cross_entropy", "linear_dpo_loss", "linear_logprobs", "resolve_backend", "reward_loss",
+           "use_backend"]
 
 
 def _liger():
@@ -61,20 +68,74 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     once FSDP2 resharded the root after forward), apple/ml-cross-entropy issue #31.
     A DTensor weight is refused here with that explanation.
     """
-    _refuse_sharded(weight)
+    _refuse_sharded("linear_cross_entropy", weight)
     impl = _liger() if resolve_for(backend, hidden, weight, targets) == "liger" else reference
     return impl.linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction,
                                      chunk_size=chunk_size)
 
 
-def _refuse_sharded(weight: torch.Tensor) -> None:
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                    chunk_size: int = 0, backend: str | None = None) -> torch.Tensor:
+    """log softmax(`hidden @ weight.T`)[target] of every token, without the full logits.
+
+    hidden (..., H), weight (V, H), targets (...) in [0, V) or `ignore_index`. Returns fp32
+    of the targets' shape, 0.0 at ignored tokens, so `.sum(-1)` of (rows, T) targets is
+    each row's sequence log-prob. Differentiable in hidden and weight for any upstream
+    gradient; backward recomputes each chunk's logits (`reference.ChunkedLinearLogprobs`;
+    Liger's fused linear cross-entropy with reduction "none" on CUDA). `chunk_size`,
+    `backend` and the FSDP2 rule as in `linear_cross_entropy`.
+    """
+    _refuse_sharded("linear_logprobs", weight)
+    impl = _liger() if resolve_for(backend, hidden, weight, targets) == "liger" else reference
+    return impl.linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size)
+
+
+def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
+                    loss_type: str = "sigmoid", nll_weight: float = 0.0, ignore_index: int = -100,
+                    chunk_size: int = 0, backend: str | None = None, label_smoothing: float = 0.0
+                    ) -> tuple[torch.Tensor, dict]:
+    """DPO loss of B pairs from the policy's last hidden states, without the full logits.
+
+    hidden (2B, T, H), the B chosen rows first, then the B rejected ones in the same order;
+    weight (V, H) the lm_head; targets (2B, T), `ignore_index` wherever a token is not
+    scored (prompt, padding, masked format tokens). A row's log-prob is the sum of its
+    non-ignored tokens' (`linear_logprobs`); ref_chosen_logps / ref_rejected_logps (B,) the
+    reference model's, summed alike. loss = `dpo_loss`(beta, loss_type, label_smoothing) +
+    nll_weight x NLL, NLL the mean negative log-likelihood per non-ignored token of the
+    chosen rows (0, not NaN, when there is none). Returns (loss, metrics): chosen_logps,
+    rejected_logps, chosen_rewards, rejected_rewards (B,), accuracy (share of pairs whose
+    chosen reward is higher), margin (mean reward difference) and nll, all detached.
+
+    Sequence log-probs are sums, as in TRL and Liger (average_log_prob=False), for every
+    loss type: for TRL's per-token-averaged IPO, call `linear_logprobs` and `dpo_loss`
+    directly. On CUDA the token log-probs come from Liger's fused linear cross-entropy
+    (why not Liger's fused DPO loss: `kiln.kernels.liger.linear_logprobs`).
+    """
+    # Checked before the costly part, the log-probs, rather than after it in dpo_loss.
+    if hidden.dim() != 3 or hidden.shape[0] % 2 or targets.shape != hidden.shape[:2]:
+        raise ValueError(f"linear_dpo_loss: hidden must be (2B, T, H) and targets (2B, T), got hidden "
+                         f"{tuple(hidden.shape)} and targets {tuple(targets.shape)}")
+    pairs = hidden.shape[0] // 2
+    if ref_chosen_logps.shape != (pairs,) or ref_rejected_logps.shape != (pairs,):
+        raise ValueError(f"linear_dpo_loss: the reference log-probs must be ({pairs},) for {2 * pairs} rows, got "
+                         f"{tuple(ref_chosen_logps.shape)} and {tuple(ref_rejected_logps.shape)}")
+    preference.check_dpo_options("linear_dpo_loss", loss_type, label_smoothing)
+    token_logps = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size,
+                                  backend=backend)  # (2B, T)
+    return preference.dpo_loss_on_tokens(token_logps, targets != ignore_index, ref_chosen_logps,
+                                         ref_rejected_logps, beta=beta, loss_type=loss_type,
+                                         nll_weight=nll_weight, label_smoothing=label_smoothing)
+
+
+def _refuse_sharded(name: str, weight: torch.Tensor) -> None:
     """A DTensor weight here is FSDP2's shard, read outside the forward that gathers it."""
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
 
         if isinstance(weight, DTensor):
             raise ValueError(
-                "linear_cross_entropy: the weight is a sharded DTensor (FSDP2 outside its forward); "
+                f"{name}: the weight is a sharded DTensor (FSDP2 outside its forward); "
                 "compute the loss inside a fully_shard-ed module's forward, as CausalLM.forward does")
 
 

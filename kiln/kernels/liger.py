@@ -2,7 +2,7 @@
 
 Imported only when something resolves to Liger (a CUDA device, see
 `backend.resolve_backend`), so CPU runs never import Triton. What the model runs from
-here: `linear_cross_entropy` (through `kiln.kernels.linear_cross_entropy`) and Liger's
+here: `linear_cross_entropy` and `linear_logprobs` (through `kiln.kernels`) and Liger's
 RMSNorm / SwiGLU / RoPE modules (`apply_liger_to_model`). `rms_norm`, `swiglu` and
 `apply_rope` are test entry points only: they call the same Liger autograd Functions
 those modules call (liger-kernel 0.8.5), with the options that reproduce the Llama
@@ -64,6 +64,37 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         hidden2d, weight, targets.reshape(-1), None, None, ignore_index, 0.0, 0.0, reduction, None, False,
         torch.float32)
     return loss
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                    chunk_size: int = 0) -> torch.Tensor:
+    """Per-token log-probs as minus Liger's fused linear cross-entropy with reduction "none".
+
+    With reduction "none" and an input that needs gradients, Liger (0.8.5) defers the
+    gradients to backward, recomputing each chunk's logits there and weighing each token
+    by its own upstream gradient before summing into grad_weight: the strategy of
+    `reference.ChunkedLinearLogprobs`, so any loss of the log-probs gets exact gradients.
+    Ignored tokens' losses are 0, hence log-probs 0.0 as in the reference. `chunk_size`
+    is ignored, as in `linear_cross_entropy`.
+
+    This is also what `kiln.kernels.linear_dpo_loss` runs on CUDA, rather than Liger's
+    fused DPO loss (`liger_kernel.chunked_loss.LigerFusedLinearDPOFunction`, 0.8.5): that
+    one takes the reference only as a reference model's hidden states and lm_head weight,
+    recomputed every step (or none, `use_ref_model=False`, which scores against a
+    reference log-prob of 0); it has no argument for cached reference log-probs, which
+    kiln's DPO stage computes once. It would also divide its NLL by the number of chosen
+    tokens with no guard (NaN when all are masked), has no IPO, and holds whole pairs'
+    (2 x T x V) logits and their fp32 log-softmax per chunk, memory that grows with the
+    sequence length. Its definitions otherwise match kiln's (summed log-probs,
+    `average_log_prob=False`; NLL per non-ignored chosen token), which
+    tests/kernels/test_preference.py checks on CPU.
+    """
+    del chunk_size
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    loss, _, _, _ = LigerFusedLinearCrossEntropyFunction.apply(
+        hidden2d, weight, targets.reshape(-1), None, None, ignore_index, 0.0, 0.0, "none", None, False,
+        torch.float32)
+    return (-loss).reshape(targets.shape)
 
 
 def apply_liger_to_model(model: torch.nn.Module) -> None:

@@ -1,9 +1,10 @@
 """PyTorch references for the fused ops.
 
 `linear_cross_entropy` is what the model's loss runs off CUDA (through
-`kiln.kernels.linear_cross_entropy`), and what Liger's fused loss is tested against.
-It is the one that differs from the obvious code: it never holds the (tokens x vocab)
-logits (see `ChunkedLinearCrossEntropy`).
+`kiln.kernels.linear_cross_entropy`), and what Liger's fused loss is tested against;
+`linear_logprobs` (per-token log-probs, for DPO and SFT) likewise. They are the ones
+that differ from the obvious code: they never hold the (tokens x vocab) logits (see
+`ChunkedLinearCrossEntropy` and `ChunkedLinearLogprobs`).
 
 `rms_norm`, `swiglu` and `apply_rope` are test references, not called by the model:
 off CUDA the model runs transformers' own Llama modules, which these follow op for op
@@ -76,6 +77,18 @@ def default_chunk_size(n_tokens: int, vocab: int) -> int:
     return max(1, min(n_tokens, rows))
 
 
+def _valid_targets(name: str, targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """The mask of targets that are not `ignore_index`; any other target outside [0, vocab) is an error
+    (gather would read out of bounds or fail far from the cause)."""
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        first = int(targets[bad][0])
+        raise ValueError(f"{name}: target {first} is outside the vocabulary [0, {vocab}) "
+                         f"and is not ignore_index ({ignore_index})")
+    return valid
+
+
 def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                             ignore_index: int, reduction: str, chunk_size: int,
                             grad_hidden_wanted: bool, grad_weight_wanted: bool):
@@ -85,13 +98,7 @@ def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets:
     gradients being those of the loss itself (grad_output = 1).
     """
     n, _ = hidden.shape
-    vocab = weight.shape[0]
-    valid = targets != ignore_index
-    bad = valid & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        first = int(targets[bad][0])
-        raise ValueError(f"linear_cross_entropy: target {first} is outside the vocabulary [0, {vocab}) "
-                         f"and is not ignore_index ({ignore_index})")
+    valid = _valid_targets("linear_cross_entropy", targets, weight.shape[0], ignore_index)
     n_valid = int(valid.sum())
     # mean over non-ignored tokens; with every token ignored the loss is 0 (not 0/0 = NaN
     # as in F.cross_entropy), so a fully masked micro-batch contributes nothing.
@@ -183,6 +190,30 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
+def _flat_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+    """Checked (N, H) hidden, (V, H) weight and (N,) targets in the dtype the logits matmul
+    runs in (the autocast dtype under autocast, as `F.linear` would; else the promoted one),
+    and the chunk size (0 picks `default_chunk_size`)."""
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
+                         "do not fit (weight must be (vocab, hidden))")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"{name}: targets {tuple(targets.shape)} do not match hidden "
+                         f"{tuple(hidden.shape)} without its last dimension")
+    if chunk_size < 0:
+        raise ValueError(f"{name}: chunk_size must be >= 0 (0 = automatic), got {chunk_size}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    # Casts happen outside the autograd Functions so autograd carries the gradients back through them.
+    hidden2d = hidden.to(dtype).reshape(-1, hidden.shape[-1])
+    weight = weight.to(dtype)
+    chunk = chunk_size or default_chunk_size(hidden2d.shape[0], weight.shape[0])
+    return hidden2d, weight, targets.reshape(-1), chunk
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 0) -> torch.Tensor:
     """Cross-entropy of the logits `hidden @ weight.T` against `targets`, chunked over tokens.
@@ -195,24 +226,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
-                         "do not fit (weight must be (vocab, hidden))")
-    if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"linear_cross_entropy: targets {tuple(targets.shape)} do not match hidden "
-                         f"{tuple(hidden.shape)} without its last dimension")
-    if chunk_size < 0:
-        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 0 (0 = automatic), got {chunk_size}")
+    hidden2d, weight, targets1d, chunk = _flat_inputs("linear_cross_entropy", hidden, weight, targets, chunk_size)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    # Casts happen outside the Function so autograd carries the gradients back through them.
-    hidden2d = hidden.to(dtype).reshape(-1, hidden.shape[-1])
-    weight = weight.to(dtype)
-    targets1d = targets.reshape(-1)
-    chunk = chunk_size or default_chunk_size(hidden2d.shape[0], weight.shape[0])
     grad_on = torch.is_grad_enabled()
     grad_hidden_wanted = grad_on and hidden2d.requires_grad
     grad_weight_wanted = grad_on and weight.requires_grad
@@ -222,3 +237,131 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                                            False, False)[0]
         return ChunkedLinearCrossEntropy.apply(hidden2d, weight, targets1d, ignore_index, reduction, chunk,
                                                grad_hidden_wanted, grad_weight_wanted)
+
+
+# --------------------------------------------------------------------------- per-token log-probs
+
+
+def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Flat fp32 storage for one chunk's logits, reused by every chunk. A fresh (chunk, V)
+    tensor per chunk would, on the CPU, page-fault its way through each new allocation
+    (~0.08 s per 256 MiB on 2 cores, a fifth of that chunk's matmul)."""
+    rows = min(chunk_size, hidden.shape[0])
+    return torch.empty(weight.shape[0] * rows, dtype=torch.float32, device=hidden.device)
+
+
+def _chunk_logits_t(h: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """The chunk's logits, transposed: fp32 (V, c) in the front of `buffer`, the matmul in the
+    input dtype as `(h @ weight.T).float()` would do it.
+
+    Vocabulary-major because MKL computes `weight @ h.T` (V, c) faster than `h @ weight.T`
+    (c, V), and backward's `addmm(grad_weight, dlogits_t, h)` then needs no transpose: 0.39
+    vs 0.46 s and 0.40 vs 0.42 s at c = 512, H = 512, V = 128k on 2 cores, where the
+    reductions over the vocabulary, now strided, cost under 0.01 s more.
+    """
+    vocab, rows = weight.shape[0], h.shape[0]
+    logits_t = buffer[:vocab * rows].view(vocab, rows)  # contiguous, for mm's out=
+    if h.dtype == torch.float32:
+        return torch.mm(weight, h.T, out=logits_t)
+    return logits_t.copy_(weight @ h.T)
+
+
+def _chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) fp32 log p(target) (0 where not `valid`) and (N,) fp32 log-sum-exp of each token's logits."""
+    n = hidden.shape[0]
+    safe_targets = torch.where(valid, targets, 0)
+    logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    buffer = _logits_buffer(hidden, weight, chunk_size)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        # As in `_chunked_loss_and_grads`: log-sum-exp in fp32, exp() in place over the
+        # logits (torch.logsumexp would allocate a second (V, c) tensor).
+        logits_t = _chunk_logits_t(hidden[start:stop], weight, buffer)  # (V, c)
+        target_logit = logits_t[safe_targets[start:stop], torch.arange(stop - start, device=hidden.device)]  # (c,)
+        col_max = logits_t.amax(dim=0)  # (c,)
+        sum_exp = logits_t.sub_(col_max).exp_().sum(dim=0)  # (c,)
+        lse[start:stop] = col_max + sum_exp.log()
+        logps[start:stop] = torch.where(valid[start:stop], target_logit - lse[start:stop], 0.0)
+    return logps, lse
+
+
+class ChunkedLinearLogprobs(torch.autograd.Function):
+    """Per-token log p(target) under softmax(`hidden @ weight.T`), without the (tokens x vocab) logits.
+
+    Unlike the cross-entropy's, these gradients cannot be computed in the forward: the
+    upstream gradient of each token is known only after the whole forward (a DPO loss
+    weighs a token by a function of its sequence's total log-prob), and grad_weight sums
+    over tokens, so it cannot be rescaled per token afterwards. So forward keeps only each
+    token's log-sum-exp (N floats) beside its inputs, and backward recomputes each chunk's
+    logits, turns them in place into d/dlogits = grad_output x (one-hot - softmax) (the
+    softmax as exp(logits - lse), no second reduction), and projects that onto grad_hidden
+    (this chunk's rows) and grad_weight (an fp32 accumulator). Peak extra memory is one
+    chunk's fp32 logits, as for `ChunkedLinearCrossEntropy`. The price is a fourth
+    (N, H) x (H, V) matmul where naive autograd, which keeps the logits instead, does three;
+    what it saves is naive's passes over full (N, V) tensors, which weigh less as H grows.
+    benchmarks/post_memory.py, a DPO forward + backward on 2 CPU cores: 0.93-1.09x naive's
+    time at H = 512 and 2048 tokens; 1.18-1.33x at H = 2048 and 1024 tokens
+    (`--hidden 2048 --seq 256`), the 4/3 of the matmuls alone. Liger's fused linear
+    cross-entropy with reduction "none" makes the same trade (`ctx.defer_grads`).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, valid, chunk_size):
+        logps, lse = _chunked_logprobs(hidden, weight, targets, valid, chunk_size)
+        ctx.save_for_backward(hidden, weight, targets, valid, lse)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        hidden, weight, targets, valid, lse = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        n = hidden.shape[0]
+        # An ignored token's output is the constant 0: whatever its upstream gradient, it passes nothing on.
+        token_grad = torch.where(valid, grad_output.float(), 0.0)  # (N,)
+        safe_targets = torch.where(valid, targets, 0)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        # fp32 accumulator whatever the weight dtype, as in `_chunked_loss_and_grads`; the
+        # first chunk writes it (mm) and the others add to it (addmm), saving a pass of zeros.
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        buffer = _logits_buffer(hidden, weight, ctx.chunk_size)
+        for start in range(0, n, ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, n)
+            h = hidden[start:stop]  # (c, H)
+            g = token_grad[start:stop]  # (c,)
+            # d logp_i / d logits_i = one_hot(t_i) - softmax_i, times the upstream g_i.
+            dlogits_t = _chunk_logits_t(h, weight, buffer).sub_(lse[start:stop]).exp_().mul_(-g)  # (V, c)
+            dlogits_t[safe_targets[start:stop], torch.arange(stop - start, device=h.device)] += g
+            if want_hidden:
+                torch.mm(dlogits_t.T.to(hidden.dtype), weight, out=grad_hidden[start:stop])  # (c, H)
+            if want_weight and start == 0:
+                torch.mm(dlogits_t, h.float(), out=grad_weight)  # (V, H) = (V, c) @ (c, H)
+            elif want_weight:
+                grad_weight.addmm_(dlogits_t, h.float())  # (V, H) += (V, c) @ (c, H)
+        del buffer
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                    chunk_size: int = 0) -> torch.Tensor:
+    """log softmax(`hidden @ weight.T`)[target] of every token, chunked over tokens.
+
+    hidden (..., H), weight (V, H) (a bias-free lm_head), targets (...) with values in
+    [0, V) or `ignore_index`. Returns fp32 of the targets' shape, 0.0 at ignored tokens
+    (so a sum over a row is its sequence log-prob). Differentiable in hidden and weight
+    (see `ChunkedLinearLogprobs`). chunk_size 0 picks `default_chunk_size`; autocast as
+    in `linear_cross_entropy`.
+    """
+    hidden2d, weight, targets1d, chunk = _flat_inputs("linear_logprobs", hidden, weight, targets, chunk_size)
+    valid = _valid_targets("linear_logprobs", targets1d, weight.shape[0], ignore_index)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if torch.is_grad_enabled() and (hidden2d.requires_grad or weight.requires_grad):
+            logps = ChunkedLinearLogprobs.apply(hidden2d, weight, targets1d, valid, chunk)
+        else:
+            logps = _chunked_logprobs(hidden2d, weight, targets1d, valid, chunk)[0]
+    return logps.reshape(targets.shape)
