@@ -18,7 +18,7 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(PY))
 export KILN_LID_MODEL := $(abspath $(LID_MODEL))
 
-.PHONY: setup demo probe test bench faults clean
+.PHONY: setup demo probe post test bench faults clean
 
 setup: $(STAMP) $(LID_MODEL)
 
@@ -42,7 +42,7 @@ $(LID_MODEL): | $(STAMP)
 # The sample WARC and, from the same generators with another seed, the labelled sets
 # the demo's classifiers learn from and the evaluation sets it decontaminates against.
 $(SAMPLE): $(wildcard kiln/demo/*.py) | $(STAMP)
-	$(PY) -m kiln.demo --out $@ --labels $(LABELS)
+	$(PY) -m kiln.demo --out $@ --labels $(LABELS) --post data/post
 
 $(MODELS)/quality.bin: $(SAMPLE)
 	$(KILN) curate train-quality --positives $(LABELS)/quality_pos.jsonl --negatives $(LABELS)/quality_neg.jsonl --output $@
@@ -87,6 +87,14 @@ probe: setup
 	@test -f $(SHARDS)/availability.json || { echo "no demo shards in $(SHARDS): run make demo first"; exit 2; }
 	$(KILN) probe run $(PROBE_RECIPE)
 	$(KILN) probe report out/probe/demo --decisions --no-plot
+
+# Post-training of the tiny model (make demo first): recipes/tiny_train.toml's three
+# pretraining stages (reused once done), then recipes/tiny_post.toml: SFT, a reward model
+# and DPO from the SFT model, on the post-training data the sample's generator writes.
+post: setup $(SAMPLE)
+	@test -f $(SHARDS)/availability.json || { echo "no demo shards in $(SHARDS): run make demo first"; exit 2; }
+	$(KILN) train recipes/tiny_train.toml
+	$(KILN) train recipes/tiny_post.toml
 
 # The tests, then the fault suite without writing its table (make faults writes it).
 test: setup

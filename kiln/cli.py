@@ -4,6 +4,7 @@
     kiln mix design|run|fit|optimize|report ...      the mixture optimizer    (kiln/mixing/cli.py)
     kiln train RECIPE                                staged pretraining       (kiln/training/cli.py)
     kiln probe run PROBE.toml | report OUT           annealing probes         (kiln/probe/cli.py)
+    kiln average MODEL MODEL ... --out DIR           model averaging          (kiln/training/average_cli.py)
 
 `kiln PART --help` explains each; `torchrun -m kiln.training RECIPE` trains with FSDP2.
 """
@@ -27,6 +28,7 @@ PARTS = {
     "mix": ("kiln.mixing.cli", "mixture optimizer: design proxies, fit a mixing law, optimize under caps"),
     "train": ("kiln.training.cli", "staged pretraining from a TOML recipe (FSDP2 under torchrun)"),
     "probe": ("kiln.probe.cli", "annealing probes: does a dataset help? (paired seeds, intervals, a verdict)"),
+    "average": ("kiln.training.average_cli", "average exported models (uniform or weighted): Llama 3's model averaging"),
 }
 
 

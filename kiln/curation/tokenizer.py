@@ -81,6 +81,10 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = Tokeni
         extra_special_tokens=[t for t in special_tokens if t not in (EOS_TOKEN, PAD_TOKEN, BOS_TOKEN)],
     )
     os.makedirs(out_dir, exist_ok=True)
+    from kiln.formats.chat import CHAT_TEMPLATE, START_HEADER
+
+    if START_HEADER in present:  # the chat format's tokens are there: store its template (post-training)
+        hf.chat_template = CHAT_TEMPLATE
     # save_pretrained writes tokenizer.json itself (with a no-op post-processor that
     # transformers adds), so the hash that shards record is taken from its file.
     hf.save_pretrained(out_dir)

@@ -1,4 +1,4 @@
-"""``python -m kiln.demo --out data/sample.warc.gz [--seed 0] [--labels DIR]``"""
+"""``python -m kiln.demo --out data/sample.warc.gz [--seed 0] [--labels DIR] [--post DIR]``"""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 import time
 
 from kiln.demo import build_labels, build_sample
+from kiln.demo.post import build_post_data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", metavar="DIR",
                         help="also write the demo's labelled training sets and evaluation sets to DIR "
                              "(built with seed + 1, so from other pages than the WARC's)")
+    parser.add_argument("--post", metavar="DIR",
+                        help="also write the demo's post-training data to DIR: SFT conversations (sft.jsonl), "
+                             "preference pairs (prefs.jsonl) and held-out pairs (prefs_eval.jsonl) in TRL's "
+                             "formats, answered from stdlib docstrings (built with seed + 1, like --labels)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     summary = build_sample(args.out, seed=args.seed)
@@ -35,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.labels:
         counts = build_labels(args.labels, seed=args.seed + 1)
         print(f"wrote {args.labels}: " + " ".join(f"{k}={v}" for k, v in counts.items()))
+    if args.post:
+        counts = build_post_data(args.post, seed=args.seed + 1)
+        print(f"wrote {args.post}: " + " ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 
 

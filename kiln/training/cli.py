@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-DESCRIPTION = ("Train the stages of a recipe (core, long context, annealing) on token shards: each stage starts "
-               "from the previous one's weights, checkpoints with torch.distributed.checkpoint and exports a "
+DESCRIPTION = ("Train the stages of a recipe: pretraining (core, long context, annealing) on token shards, and "
+               "post-training (kind = sft, reward, dpo) on chat and preference data. Each stage starts from the "
+               "previous one's weights (or its `from`), checkpoints with torch.distributed.checkpoint and exports a "
                "Hugging Face model directory. Single process, or "
                "`torchrun --nproc_per_node=N -m kiln.training RECIPE`.")
 
@@ -23,7 +24,7 @@ def add_parser(sub) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="training recipe TOML (see recipes/tiny_train.toml)")
+    p.add_argument("recipe", help="training recipe TOML (see recipes/tiny_train.toml and recipes/tiny_post.toml)")
     p.add_argument("--output", help="override [run] output")
     p.add_argument("--shards", help="override [run] shards")
     p.add_argument("--no-resume", action="store_true",

@@ -139,6 +139,38 @@ def save_hf(model, out_dir: str, tokenizer_dir: str = "") -> None:
             src = os.path.join(tokenizer_dir, name)
             if os.path.exists(src):
                 shutil.copyfile(src, os.path.join(out_dir, name))
+        add_chat_template(out_dir)
+
+
+def add_chat_template(directory: str) -> bool:
+    """Store kiln's chat format (kiln.formats.chat) in the directory's
+    tokenizer_config.json when its tokenizer.json has the format's tokens and no template
+    is set, so `AutoTokenizer.from_pretrained(directory).apply_chat_template` renders
+    it. tokenizer.json itself (whose hash the shards record) is not touched. Returns
+    whether a template was added."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from kiln.formats.chat import BOS, CHAT_TEMPLATE, END_HEADER, EOT, START_HEADER
+
+    tok_file, cfg_file = os.path.join(directory, "tokenizer.json"), os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(tok_file):
+        return False
+    tok = Tokenizer.from_file(tok_file)
+    if any(tok.token_to_id(t) is None for t in (BOS, START_HEADER, END_HEADER, EOT)):
+        return False
+    config = {}
+    if os.path.isfile(cfg_file):
+        with open(cfg_file, encoding="utf-8") as f:
+            config = json.load(f)
+    if config.get("chat_template") or os.path.isfile(os.path.join(directory, "chat_template.jinja")):
+        return False
+    config["chat_template"] = CHAT_TEMPLATE
+    config.setdefault("bos_token", BOS)
+    with open(cfg_file, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return True
 
 
 def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:

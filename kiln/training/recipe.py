@@ -10,6 +10,10 @@ of the last checkpoints).
     [optimizer]  lr is per stage; betas, weight decay, clipping here   (OptimizerConfig)
     [[stage]]    name, mixture, tokens, seq_len, batch_size, schedule, ...   (StageConfig)
 
+A stage's `kind` is "pretrain" (the default: token shards and a mixture) or a
+post-training kind, "sft", "reward" or "dpo" (kiln.training.post: `data = PATH`,
+`epochs`), which starts from the previous stage's export or from `from = "<stage>"`.
+
 Every key is checked; the resolved recipe is printed and saved with each checkpoint.
 """
 
@@ -48,6 +52,8 @@ class OptimizerConfig:
 @dataclass
 class StageConfig:
     name: str = ""  # stage name: core, long_context_1, anneal, ...
+    kind: str = "pretrain"  # "pretrain" (token shards) or post-training: "sft", "reward", "dpo" (kiln.training.post)
+    start_from: str = ""  # `from` in the file: an earlier stage's name or a model directory ("" = the previous stage's export)
     mixture: str = ""  # contract-4 mixture TOML file, relative to the recipe
     weights: dict = field(default_factory=dict)  # or the mixture inline: {general = 0.7, code = 0.3}
     blend: dict = field(default_factory=dict)  # a second mixture drawn with probability blend_ratio, the rest of the stream unchanged (probes)
@@ -67,8 +73,21 @@ class StageConfig:
     checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 0  # delete all but the newest K (0 = keep all; averaging needs the last K)
     average_last: int = 0  # end with the uniform average of the last K checkpoints (annealing)
+    average: str = ""  # "ema": export the exponential moving average of the weights (Polyak) instead of the last step's
+    ema_decay: float = 0.999  # with average = "ema": the average's weight on its past at each step
     eval_every: int = 50  # steps between validation passes (and one at the end)
     eval_batches: int = 4  # validation batches per domain
+    # Post-training (kind sft / reward / dpo):
+    data: str = ""  # JSONL / Parquet rows in TRL's formats (messages or prompt + completion; prompt + chosen + rejected)
+    epochs: float = 0.0  # passes over the data's training rows; 0 = train for `tokens`
+    holdout: float = 0.05  # share of the rows held out for the val/ measures (reward and DPO accuracy, SFT loss)
+    packing: bool = True  # sft: conversations packed into each sequence, no attention across them
+    overflow: str = "truncate"  # a row over seq_len: "truncate" (the prompt cut from the left, counted) or "drop" (counted)
+    beta: float = 0.1  # dpo: strength of the KL anchor to the reference (Llama 3: 0.1)
+    loss_type: str = "sigmoid"  # dpo: "sigmoid" (DPO), "ipo" or "hinge"
+    nll_weight: float = 0.0  # dpo: weight of the NLL on the chosen responses (Llama 3: 0.2)
+    mask_format_tokens: bool = False  # dpo: headers and <|eot_id|> out of both responses' log-probs (Llama 3)
+    center_rewards: float = 0.0  # reward: coefficient of mean (r_chosen + r_rejected)^2, keeping rewards centred
 
 
 @dataclass
@@ -83,6 +102,8 @@ class Recipe:
 
 
 SCHEDULES = ("cosine", "wsd", "linear")
+KINDS = ("pretrain", "sft", "reward", "dpo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 def parse(data: dict, where: str = "recipe") -> Recipe:
@@ -93,6 +114,9 @@ def parse(data: dict, where: str = "recipe") -> Recipe:
     stages_raw = data.get("stage", [])
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError(f"{where}: no [[stage]] tables: a recipe needs at least one stage")
+    for s in stages_raw:  # `from` is a Python keyword: the field is start_from
+        if isinstance(s, dict) and "from" in s:
+            s["start_from"] = s.pop("from")
     recipe = Recipe(
         run=from_dict(RunConfig, data.get("run", {}), f"{where}: [run]"),
         model=from_dict(ModelConfig, data.get("model", {}), f"{where}: [model]"),
@@ -102,30 +126,63 @@ def parse(data: dict, where: str = "recipe") -> Recipe:
         stages=[from_dict(StageConfig, s, f"{where}: [[stage]] #{i + 1}") for i, s in enumerate(stages_raw)],
         path=where,
     )
-    for key in ("output", "shards"):
-        if not getattr(recipe.run, key):
-            raise ConfigError(f"{where}: [run] {key} is not set")
+    if not recipe.run.output:
+        raise ConfigError(f"{where}: [run] output is not set")
+    kinds = {s.kind for s in recipe.stages}
+    if "pretrain" in kinds and not recipe.run.shards:
+        raise ConfigError(f"{where}: [run] shards is not set (pretraining stages read token shards)")
+    if kinds - {"pretrain"} and not recipe.run.tokenizer:
+        raise ConfigError(f"{where}: [run] tokenizer is not set (post-training stages render chats with it)")
     recipe.kernels.check(f"{where}: [kernels]")
     names = set()
     for i, s in enumerate(recipe.stages):
         at = f"{where}: [[stage]] {s.name or '#' + str(i + 1)}"
         if not s.name or s.name in names:
             raise ConfigError(f"{at}: every stage needs a unique name")
+        if s.kind not in KINDS:
+            raise ConfigError(f"{at}: kind {s.kind!r} is not one of {', '.join(KINDS)}")
+        if s.start_from and s.start_from not in names and s.start_from in {t.name for t in recipe.stages}:
+            raise ConfigError(f"{at}: from {s.start_from!r} is a later stage; a stage starts from an earlier one")
         names.add(s.name)
-        if bool(s.mixture) == bool(s.weights):
-            raise ConfigError(f"{at}: give either mixture (a file) or weights (inline), not {'both' if s.mixture else 'neither'}")
-        if s.blend and not 0 < s.blend_ratio < 1:
-            raise ConfigError(f"{at}: blend_ratio must be in (0, 1) with a blend, got {s.blend_ratio}")
-        if s.tokens <= 0:
-            raise ConfigError(f"{at}: tokens must be > 0 (the stage's token budget)")
+        if s.kind == "pretrain":
+            _check_pretrain(s, at)
+        else:
+            _check_post(s, at)
         if s.schedule not in SCHEDULES:
             raise ConfigError(f"{at}: schedule {s.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if s.average not in ("", "ema") or not 0 < s.ema_decay < 1:
+            raise ConfigError(f"{at}: average must be \"\" or \"ema\" with 0 < ema_decay < 1, got "
+                              f"{s.average!r} and {s.ema_decay}")
+        if s.average and s.average_last:
+            raise ConfigError(f"{at}: average = \"ema\" and average_last both say what is exported: choose one")
         if s.average_last and s.keep_checkpoints and s.keep_checkpoints < s.average_last:
             raise ConfigError(f"{at}: average_last {s.average_last} needs keep_checkpoints >= it")
         for pair in s.batch_ramp:
             if len(pair) != 2 or pair[1] <= 0:
                 raise ConfigError(f"{at}: batch_ramp entries are [tokens_seen, batch_size], got {pair}")
     return recipe
+
+
+def _check_pretrain(s: StageConfig, at: str) -> None:
+    if bool(s.mixture) == bool(s.weights):
+        raise ConfigError(f"{at}: give either mixture (a file) or weights (inline), not {'both' if s.mixture else 'neither'}")
+    if s.blend and not 0 < s.blend_ratio < 1:
+        raise ConfigError(f"{at}: blend_ratio must be in (0, 1) with a blend, got {s.blend_ratio}")
+    if s.tokens <= 0:
+        raise ConfigError(f"{at}: tokens must be > 0 (the stage's token budget)")
+
+
+def _check_post(s: StageConfig, at: str) -> None:
+    if not s.data:
+        raise ConfigError(f"{at}: a {s.kind} stage needs data = PATH (JSONL or Parquet)")
+    if (s.epochs > 0) == (s.tokens > 0):
+        raise ConfigError(f"{at}: give either epochs or tokens, not {'both' if s.epochs > 0 else 'neither'}")
+    if s.overflow not in ("truncate", "drop"):
+        raise ConfigError(f"{at}: overflow {s.overflow!r} is not 'truncate' or 'drop'")
+    if s.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"{at}: loss_type {s.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if not 0 <= s.holdout < 1:
+        raise ConfigError(f"{at}: holdout must be in [0, 1), got {s.holdout}")
 
 
 def load(path: str) -> Recipe:

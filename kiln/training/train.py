@@ -7,6 +7,9 @@ and exports `NN_<stage>/final/`, a Hugging Face model directory. A relaunch skip
 finished stages and resumes an unfinished one from its newest complete checkpoint,
 reproducing the uninterrupted run's losses.
 
+Post-training stages (kind sft / reward / dpo, kiln.training.post) run in the same loop
+with their own data, model and loss (`TrainingStage.forward`).
+
     kiln train recipes/tiny_train.toml
     torchrun --standalone --nproc_per_node=2 -m kiln.training recipes/tiny_train.toml
 
@@ -100,7 +103,7 @@ class Run:
     recipe: Recipe
     options: RunOptions
     world: World
-    source: TokenSource  # the token shards, opened once
+    source: TokenSource | None  # the token shards, opened once (None: a post-training-only recipe)
     model_cfg: ModelConfig  # the recipe's [model] with its preset and vocabulary resolved
     tokenizer: str  # the [run] tokenizer's directory, checked against the shards ("" = none)
     log: MetricsLogger  # rank 0's progress lines
@@ -128,16 +131,17 @@ class TrainingStage:
 
     cfg: StageConfig
     paths: StagePaths
-    mixture: Mixture
-    micro: int  # sequences per forward on one rank
+    mixture: Mixture | None  # pretraining stages' mixture
+    micro: int  # sequences per forward on one rank (pairs, for reward and dpo stages)
     model: CausalLM
     optimizer: torch.optim.Optimizer
     sampler: MixtureSampler
-    validator: Validator
+    validator: Validator  # or a post-training stage's held-out measure (kiln.training.post.stages)
     resolved: dict  # the resolved config, saved beside the stage and in every checkpoint
     state: StageState
     metrics: MetricsLogger  # metrics.jsonl (and TensorBoard)
     meter: Throughput
+    forward: object = None  # (model, batch) -> (loss, metrics): how this kind's model takes a batch
 
     @property
     def name(self) -> str:
@@ -155,6 +159,7 @@ def train(recipe: Recipe, options: RunOptions | None = None) -> list[dict]:
     summaries, previous = [], recipe.run.init
     for i, stage_cfg in enumerate(recipe.stages):
         paths = stage_paths(recipe, i)
+        previous = starting_point(recipe, i, previous)
         if os.path.exists(paths.done):
             run.log.print(f"[{stage_cfg.name}] finished earlier: {paths.final}")
             summaries.append(read_stage_summary(paths.final))
@@ -168,12 +173,25 @@ def train(recipe: Recipe, options: RunOptions | None = None) -> list[dict]:
     return summaries
 
 
+def starting_point(recipe: Recipe, i: int, previous: str) -> str:
+    """What stage `i` starts from: its `from` (an earlier stage's export, or a model
+    directory), else `previous` (the last stage's export, or [run] init for the first)."""
+    name = recipe.stages[i].start_from
+    if not name:
+        return previous
+    names = [s.name for s in recipe.stages[:i]]
+    return stage_paths(recipe, names.index(name)).final if name in names else name
+
+
 def start_run(recipe: Recipe, options: RunOptions) -> Run:
     world = init_distributed()
     torch.manual_seed(recipe.run.seed)
-    source = TokenSource(recipe.run.shards, recipe.run.val_fraction, extra=recipe.run.extra_shards)
-    model_cfg = resolve(recipe.model, vocab_size=source.vocab_size, where=f"{recipe.path}: [model]")
-    source.check_vocab(model_cfg.vocab_size)
+    source = TokenSource(recipe.run.shards, recipe.run.val_fraction, extra=recipe.run.extra_shards) \
+        if recipe.run.shards else None
+    vocab = source.vocab_size if source else tokenizer_vocab(recipe)
+    model_cfg = resolve(recipe.model, vocab_size=vocab, where=f"{recipe.path}: [model]")
+    if source:
+        source.check_vocab(model_cfg.vocab_size)
     tokenizer = tokenizer_dir(recipe, source)
     log = MetricsLogger(None, world.main)
     log.print(f"kiln train {recipe.path}: {len(recipe.stages)} stage(s), {world.size} process(es) on {world.device}")
@@ -181,7 +199,18 @@ def start_run(recipe: Recipe, options: RunOptions) -> Run:
     return Run(recipe, options, world, source, model_cfg, tokenizer, log)
 
 
-def tokenizer_dir(recipe: Recipe, source: TokenSource) -> str:
+def tokenizer_vocab(recipe: Recipe) -> int:
+    """The [run] tokenizer's vocabulary (with its special tokens): a recipe without shards."""
+    from tokenizers import Tokenizer
+
+    path = recipe.run.tokenizer
+    file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ConfigError(f"{recipe.path}: [run] tokenizer {path}: no {TOKENIZER_FILE} there")
+    return Tokenizer.from_file(file).get_vocab_size(with_added_tokens=True)
+
+
+def tokenizer_dir(recipe: Recipe, source: TokenSource | None) -> str:
     """The directory of the `[run] tokenizer` (given as the directory, or as its
     tokenizer.json), once its tokenizer.json is the one the shards were written with:
     validation decodes with it and the export copies it beside the model."""
@@ -197,7 +226,8 @@ def tokenizer_dir(recipe: Recipe, source: TokenSource) -> str:
     else:
         raise ConfigError(f"{where}: [run] tokenizer {path}: not a directory holding {TOKENIZER_FILE}, nor such a "
                           "file")
-    source.check_tokenizer(file, where)
+    if source is not None:
+        source.check_tokenizer(file, where)
     return directory
 
 
@@ -232,11 +262,14 @@ def setup_stage(run: Run, i: int, previous: str) -> TrainingStage:
     """Mixture, model, optimizer, sampler and validator of stage `i`, resumed from its
     newest checkpoint when there is one (and `options.resume`)."""
     recipe, world, cfg = run.recipe, run.world, run.recipe.stages[i]
+    if cfg.kind != "pretrain":
+        return setup_post_stage(run, i, previous)
     mixture = stage_mixture(recipe, cfg)
     run.source.check_mixture(mixture)
     micro = cfg.micro_batch_size or max(1, cfg.batch_size // world.size)
     check_batching(cfg, micro, world, f"{recipe.path}: [[stage]] {cfg.name}")
     model = stage_model(run, cfg, previous)
+    attach_ema(model, cfg)
     optimizer = optimizer_for(model, recipe, lr_at(cfg, 0), world.device)
     data_cfg = DataConfig(shards_dir=recipe.run.shards, seq_len=cfg.seq_len, batch_size=micro,
                           seed=recipe.run.seed + 1000 * i, val_fraction=recipe.run.val_fraction,
@@ -262,7 +295,95 @@ def setup_stage(run: Run, i: int, previous: str) -> TrainingStage:
                   f"seq_len {cfg.seq_len}, mixture {mixture.weights}"
                   + (f" blended {cfg.blend_ratio:.0%} with {cfg.blend}" if cfg.blend else "")
                   + f", {model.kernels.backend} kernels")
-    return TrainingStage(cfg, paths, mixture, micro, model, optimizer, sampler, validator, resolved, state, metrics, meter)
+    return TrainingStage(cfg, paths, mixture, micro, model, optimizer, sampler, validator, resolved, state, metrics,
+                         meter, forward=lm_forward)
+
+
+class EMA(torch.nn.Module):
+    """Polyak averages of a model's trainable parameters, ema = decay x ema + (1 - decay) x
+    param after each optimizer step. Buffers of the trained module, so checkpoints save
+    and resume them with the model; under FSDP2 each rank averages its own shards."""
+
+    def __init__(self, hf: torch.nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        for i, p in enumerate(self._params(hf)):
+            self.register_buffer(f"p{i}", p.detach().clone())
+
+    @staticmethod
+    def _params(hf: torch.nn.Module) -> list[torch.Tensor]:
+        return [p for p in hf.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, hf: torch.nn.Module) -> None:
+        for avg, p in zip(self.buffers(), self._params(hf)):
+            avg.lerp_(p.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, hf: torch.nn.Module) -> None:
+        for avg, p in zip(self.buffers(), self._params(hf)):
+            p.copy_(avg)
+
+
+def attach_ema(model: torch.nn.Module, stage: StageConfig) -> None:
+    """With `average = "ema"`, the average starts from the stage's starting weights (after
+    parallelize, so it averages what the optimizer updates)."""
+    if stage.average == "ema":
+        model.ema = EMA(model.hf, stage.ema_decay)
+
+
+def lm_forward(model, b) -> tuple[torch.Tensor, dict]:
+    return model(b.input_ids, b.labels, b.position_ids, b.segment_ids), {}
+
+
+def setup_post_stage(run: Run, i: int, previous: str) -> TrainingStage:
+    """A post-training stage (kiln.training.post.stages): its data, the model of its kind
+    from the export it starts from, and the same optimizer, checkpoints and resume as
+    pretraining. A stage given `epochs` gets the token budget of that many passes."""
+    from kiln.training.post import stages as post
+    from kiln.training.post.data import ChatTokenizer
+
+    recipe, world, cfg = run.recipe, run.world, run.recipe.stages[i]
+    where = f"{recipe.path}: [[stage]] {cfg.name}"
+    if not previous:
+        raise ConfigError(f"{where}: a {cfg.kind} stage starts from a model: set [run] init, its from, or put a "
+                          "stage before it")
+    micro = cfg.micro_batch_size or max(1, cfg.batch_size // world.size)
+    check_batching(cfg, micro, world, where)
+    tok = ChatTokenizer(run.tokenizer)
+    hf = post.load_start(cfg.kind, previous, tok.vocab_size)
+    if hf.config.vocab_size != run.model_cfg.vocab_size:
+        raise ConfigError(f"{previous}: its vocabulary has {hf.config.vocab_size} tokens, the run's "
+                          f"{run.model_cfg.vocab_size} (the tokenizer's {tok.vocab_size}, rounded up to 64)")
+    paths = stage_paths(recipe, i)
+
+    def place(model):
+        return parallelize(model.to(world.device), recipe.parallel, world, recipe.kernels)
+
+    ps = post.setup(cfg.kind, cfg, hf, tok, world, micro, recipe.run.seed + 1000 * i, paths.root, run.log.print, place)
+    if cfg.epochs:
+        steps = post.steps_for(cfg, ps.items, world.size)
+        cfg = dataclasses.replace(cfg, tokens=steps * cfg.batch_size * cfg.seq_len)
+    attach_ema(ps.model, cfg)
+    optimizer = optimizer_for(ps.model, recipe, lr_at(cfg, 0), world.device)
+    resolved = resolved_config(run, cfg, ps.model, None)
+    state = StageState()
+    if run.options.resume:
+        state = resume(run, cfg, paths, ps.model, optimizer, ps.sampler) or state
+    if world.main:
+        os.makedirs(paths.root, exist_ok=True)
+        with open(paths.resolved_recipe, "w", encoding="utf-8") as f:
+            json.dump(resolved, f, indent=2)
+        truncate_metrics(paths.metrics, state.step)
+    metrics = MetricsLogger(paths.metrics, world.main, paths.tensorboard if recipe.run.tensorboard else "")
+    n_params = num_params(ps.model.hf)
+    meter = Throughput(flops_per_token(n_params, run.model_cfg.num_layers, run.model_cfg.hidden_size, cfg.seq_len),
+                       peak_flops(world.device), world.size)
+    run.log.print(f"[{cfg.name}] {cfg.kind} from {previous}: {ps.items} training items, "
+                  f"{cfg.tokens // (cfg.batch_size * cfg.seq_len)} steps of {cfg.batch_size}, lr {cfg.lr:g}, "
+                  f"{ps.model.kernels.backend} kernels")
+    return TrainingStage(cfg, paths, None, micro, ps.model, optimizer, ps.sampler, ps.validator, resolved, state,
+                         metrics, meter, forward=ps.forward)
 
 
 def stage_mixture(recipe: Recipe, stage: StageConfig) -> Mixture:
@@ -320,7 +441,7 @@ def optimizer_for(model: torch.nn.Module, recipe: Recipe, lr: float, device: tor
         lr=lr, betas=tuple(opt.betas), eps=opt.eps, fused=device.type == "cuda")
 
 
-def resolved_config(run: Run, stage: StageConfig, model: CausalLM, mixture: Mixture) -> dict:
+def resolved_config(run: Run, stage: StageConfig, model: CausalLM, mixture: Mixture | None) -> dict:
     """Everything that decides the stage's numbers, as applied (preset and vocabulary
     resolved, kernels resolved for the device): written beside the stage and saved in
     every checkpoint."""
@@ -328,7 +449,7 @@ def resolved_config(run: Run, stage: StageConfig, model: CausalLM, mixture: Mixt
     return {"model": dataclasses.asdict(run.model_cfg), "stage": dataclasses.asdict(stage),
             "parallel": dataclasses.asdict(recipe.parallel), "kernels": dataclasses.asdict(model.kernels),
             "optimizer": dataclasses.asdict(recipe.optimizer), "run": dataclasses.asdict(recipe.run),
-            "mixture": mixture.weights}
+            "mixture": mixture.weights if mixture else None}
 
 
 def resume(run: Run, stage: StageConfig, paths: StagePaths, model, optimizer, sampler) -> StageState | None:
@@ -356,14 +477,20 @@ def train_step(run: Run, stage: TrainingStage) -> dict:
     for group in stage.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=world.device)
+    extra: dict[str, float] = {}
     for _ in range(accum):
-        b = stage.sampler.next_batch(stage.micro).to(world.device)
+        b = _to(stage.sampler.next_batch(stage.micro), world.device)
         with autocast(run.recipe.parallel, world):
-            loss = stage.model(b.input_ids, b.labels, b.position_ids, b.segment_ids)
+            loss, metrics = stage.forward(stage.model, b)
         (loss / accum).backward()
         loss_sum += loss.detach().float()
+        for k, v in metrics.items():  # per-pair values (rewards, log-probs) are logged as their batch mean
+            value = float(v.float().mean()) if torch.is_tensor(v) else float(v)
+            extra[k] = extra.get(k, 0.0) + value / accum
     grad_norm = clip_grad_norm(stage.model, run.recipe.optimizer.grad_clip)
     stage.optimizer.step()
+    if stage.cfg.average == "ema":
+        stage.model.ema.update(stage.model.hf)
     stage.optimizer.zero_grad(set_to_none=True)
     step_tokens = batch_size * stage.cfg.seq_len
     state.step += 1
@@ -372,7 +499,13 @@ def train_step(run: Run, stage: TrainingStage) -> dict:
     stage.meter.add(step_tokens)
     run.steps_taken += 1
     return {"train/loss": state.last_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-            "train/tokens": state.tokens, "train/batch_size": batch_size}
+            "train/tokens": state.tokens, "train/batch_size": batch_size,
+            **{f"train/{k}": all_reduce_mean(v, world) for k, v in extra.items()}}
+
+
+def _to(batch, device):
+    """A pretraining or SFT Batch, or a preference batch (a dict of tensors), on `device`."""
+    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
@@ -397,6 +530,7 @@ def progress(run: Run, stage: TrainingStage, record: dict) -> dict:
                   f"loss {record['train/loss']:.4f} lr {record['train/lr']:.2e} "
                   f"gnorm {record['train/grad_norm']:.3f} {out['perf/tokens_per_s']:,.0f} tok/s"
                   + (f" mfu {out['perf/mfu']:.1%}" if "perf/mfu" in out else "")
+                  + (f" acc {record['train/accuracy']:.2f}" if "train/accuracy" in record else "")
                   + f" eta {eta(time.time() - state.started, state.tokens, stage.cfg.tokens)}")
     return out
 
@@ -425,7 +559,11 @@ def finish_stage(run: Run, stage: TrainingStage) -> dict:
     and return the stage's summary (also written as `final/kiln_stage.json`)."""
     cfg, state = stage.cfg, stage.state
     averaged = cfg.average_last if cfg.average_last > 1 else 0
-    if averaged:
+    if cfg.average == "ema":
+        stage.model.ema.copy_to(stage.model.hf)
+        averaged = "ema"
+        run.log.print(f"[{stage.name}] exporting the exponential moving average of the weights (decay {cfg.ema_decay})")
+    elif averaged:
         paths = checkpoint.complete_checkpoints(stage.paths.checkpoints, run.log.print)[-averaged:]
         checkpoint.average(paths, stage.model, run.world)
         run.log.print(f"[{stage.name}] averaged the last {len(paths)} checkpoints: "
@@ -448,10 +586,8 @@ def export(model, paths: StagePaths, tokenizer_dir: str, world: World, summary: 
     if world.main:
         hf = model.hf
         if world.distributed and world.size > 1:
-            from transformers import AutoModelForCausalLM
-
-            hf = AutoModelForCausalLM.from_config(model.hf.config, dtype=torch.float32)
-            hf.load_state_dict({k.removeprefix("hf."): v for k, v in full.items()})
+            hf = type(model.hf)._from_config(model.hf.config, dtype=torch.float32)
+            hf.load_state_dict({k.removeprefix("hf."): v for k, v in full.items() if k.startswith("hf.")})
         save_hf(hf, paths.final, tokenizer_dir)
         with open(paths.done, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
