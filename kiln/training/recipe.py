@@ -81,6 +81,7 @@ class StageConfig:
     data: str = ""  # JSONL / Parquet rows in TRL's formats (messages or prompt + completion; prompt + chosen + rejected)
     epochs: float = 0.0  # passes over the data's training rows; 0 = train for `tokens`
     holdout: float = 0.05  # share of the rows held out for the val/ measures (reward and DPO accuracy, SFT loss)
+    val_data: str = ""  # or held-out rows from this file (then every row of `data` trains)
     packing: bool = True  # sft: conversations packed into each sequence, no attention across them
     overflow: str = "truncate"  # a row over seq_len: "truncate" (the prompt cut from the left, counted) or "drop" (counted)
     beta: float = 0.1  # dpo: strength of the KL anchor to the reference (Llama 3: 0.1)

@@ -68,7 +68,7 @@ name = "reward"
 kind = "reward"
 from = "sft"
 data = "{post}/prefs.jsonl"
-holdout = 0.2
+val_data = "{post}/prefs_eval.jsonl"
 epochs = 3
 seq_len = 256
 batch_size = 16
@@ -172,8 +172,12 @@ def test_sft_reward_dpo_end_to_end_and_the_exports_load(trained):
     text = AutoTokenizer.from_pretrained(str(out / "01_sft" / "final")).apply_chat_template(MESSAGES[:2], tokenize=False)
     assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
     assert reward["final"].endswith("02_reward/final")
-    report = json.loads((out / "01_sft" / "data_report.json").read_text())
+    report = json.loads((out / "01_sft" / "data_report.json").read_text())["data"]
     assert report["rows"] == report["kept"] + sum(report["dropped"].values())
+    held = json.loads((out / "02_reward" / "data_report.json").read_text())
+    val = held["val_data"]
+    assert val["path"].endswith("prefs_eval.jsonl") and val["rows"] == val["kept"] + sum(val["dropped"].values())
+    assert val["kept"] >= 50 and set(val["dropped"]) <= {"too_long"}  # a few replies exceed 256 tokens of this tokenizer
 
 
 def test_the_cached_dpo_reference_equals_a_recomputed_one_and_is_reused(root, trained, tmp_path):

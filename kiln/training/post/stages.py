@@ -24,6 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kiln.config import ConfigError
@@ -84,18 +85,17 @@ def setup(kind: str, cfg, hf, tok: ChatTokenizer, world: World, micro: int, seed
     if not cfg.data:
         raise ConfigError(f"{where}: kind {kind!r} needs data = PATH")
     if kind == "sft":
-        examples, report = read_sft(cfg.data, tok, cfg.seq_len, cfg.overflow)
-        _report(report, root, world, log, cfg.name)
-        train_idx, val_idx = split(len(examples), cfg.holdout, seed)
+        examples, train_idx, val_idx = _rows(lambda path: read_sft(path, tok, cfg.seq_len, cfg.overflow), cfg, seed,
+                                             root, world, log)
         model = parallelize_fn(CausalLM(hf))
         sampler = SFTSampler([examples[i] for i in train_idx], cfg.seq_len, seed, tok.pad_id, cfg.packing,
                              world.rank, world.size)
         val = SFTValidator([examples[i] for i in val_idx], cfg.seq_len, tok.pad_id, micro, world)
         return PostStage(model, sampler, lambda m, b: (m(b.input_ids, b.labels, b.position_ids, b.segment_ids), {}),
                          val, len(sampler.sequences))
-    pairs, report = read_pairs(cfg.data, tok, cfg.seq_len, kind == "dpo" and cfg.mask_format_tokens, cfg.overflow)
-    _report(report, root, world, log, cfg.name)
-    train_idx, val_idx = split(len(pairs), cfg.holdout, seed)
+    mask = kind == "dpo" and cfg.mask_format_tokens
+    pairs, train_idx, val_idx = _rows(lambda path: read_pairs(path, tok, cfg.seq_len, mask, cfg.overflow), cfg, seed,
+                                      root, world, log)
     sampler = PairSampler(pairs, train_idx, seed, tok.pad_id, world.rank, world.size)
     if kind == "reward":
         hf.config.pad_token_id = tok.pad_id  # transformers finds a row's last token by it
@@ -115,12 +115,26 @@ def setup(kind: str, cfg, hf, tok: ChatTokenizer, world: World, micro: int, seed
                      len(train_idx))
 
 
-def _report(report, root: str, world: World, log, name: str) -> None:
-    log(f"[{name}] data {report.describe()}")
+def _rows(read, cfg, seed: int, root: str, world: World, log) -> tuple[list, np.ndarray, np.ndarray]:
+    """The stage's rows and which train and which are held out: a seeded `holdout` share of
+    `data`, or, with `val_data`, all of `data` for training and `val_data`'s rows held out
+    (appended after them, so one index addresses both)."""
+    rows, report = read(cfg.data)
+    reports = {"data": report.to_dict()}
+    log(f"[{cfg.name}] data {report.describe()}")
+    if cfg.val_data:
+        held, val_report = read(cfg.val_data)
+        reports["val_data"] = val_report.to_dict()
+        log(f"[{cfg.name}] val_data {val_report.describe()}")
+        train_idx, val_idx = np.arange(len(rows)), np.arange(len(rows), len(rows) + len(held))
+        rows = rows + held
+    else:
+        train_idx, val_idx = split(len(rows), cfg.holdout, seed)
     if world.main:
         os.makedirs(root, exist_ok=True)
         with open(os.path.join(root, DATA_REPORT), "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=2)
+            json.dump(reports, f, indent=2)
+    return rows, train_idx, val_idx
 
 
 # --------------------------------------------------------------------------- the DPO reference
