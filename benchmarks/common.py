@@ -232,6 +232,49 @@ def rss_bytes() -> int:
     return 0
 
 
+def measure_loss(loss_of, h, w, spec: dict) -> dict:
+    """Peak memory and time of `loss_of()` (a scalar loss of leaves h and w) forward and
+    backward: the memory added by the first run over what the inputs already hold (CUDA
+    allocator peak, or the process's RSS high-water mark on CPU), then the median of
+    spec["reps"] timed runs; with the loss and the gradient norms, so the methods'
+    results can be compared."""
+    import statistics
+
+    import torch
+
+    cuda = h.device.type == "cuda"
+
+    def step() -> float:
+        h.grad = w.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = loss_of()
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        step.loss = loss.item()
+        return time.perf_counter() - t0
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base, rss_before = maxrss_bytes(), rss_bytes()
+    first = step()
+    peak_added = (torch.cuda.max_memory_allocated() if cuda else maxrss_bytes()) - base
+    times = [step() for _ in range(spec["reps"])]
+    out = {**spec, "peak_added_mib": round(peak_added / 2**20, 1), "first_s": round(first, 3),
+           "times_s": [round(x, 3) for x in times], "median_s": round(statistics.median(times), 3),
+           "loss": step.loss, "grad_weight_norm": w.grad.float().norm().item(),
+           "grad_hidden_norm": h.grad.float().norm().item(),
+           "inputs_mib": round((h.numel() + w.numel()) * h.element_size() / 2**20, 1)}
+    if not cuda:
+        out["maxrss_before_mib"] = round(base / 2**20, 1)
+        out["rss_before_mib"] = round(rss_before / 2**20, 1)
+    return out
+
+
 def run_worker(script: str, spec: dict) -> dict:
     """One case of a memory benchmark in a fresh interpreter (`script --worker SPEC`:
     ru_maxrss cannot be reset), with the CPU use of other processes recorded."""

@@ -42,15 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import (compare_to_naive, log, machine, maxrss_bytes, rss_bytes, run_worker, versions,  # noqa: E402
+from common import (compare_to_naive, log, machine, measure_loss, run_worker, versions,  # noqa: E402
                     wait_until_quiet, write_results)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +84,6 @@ def worker(spec: dict) -> dict:
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     n, hidden, vocab = spec["tokens"], spec["hidden"], spec["vocab"]
     loss_fn = _loss_fn(spec["method"], vocab)
-    cuda = device == "cuda"
 
     # Created in their dtype and scaled in place: a temporary here (an fp32 copy, an
     # out-of-place scale) would raise the high-water mark the measurement starts from.
@@ -96,38 +93,7 @@ def worker(spec: dict) -> dict:
     w = torch.randn(vocab, hidden, device=device, generator=g, dtype=dtype).mul_(hidden**-0.5).requires_grad_()
     t = torch.randint(0, vocab, (n,), device=device, generator=g)
 
-    def step() -> float:
-        h.grad = w.grad = None
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = loss_fn(h, w, t)
-        loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        step.loss = loss.item()
-        return time.perf_counter() - t0
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base, rss_before = maxrss_bytes(), rss_bytes()
-    first = step()
-    if cuda:
-        peak_added = torch.cuda.max_memory_allocated() - base
-    else:
-        peak_added = maxrss_bytes() - base
-    times = [step() for _ in range(spec["reps"])]
-    out = {**spec, "peak_added_mib": round(peak_added / 2**20, 1), "first_s": round(first, 3),
-           "times_s": [round(x, 3) for x in times], "median_s": round(statistics.median(times), 3),
-           "loss": step.loss, "grad_weight_norm": w.grad.float().norm().item(),
-           "grad_hidden_norm": h.grad.float().norm().item(),
-           "inputs_mib": round((h.numel() + w.numel()) * h.element_size() / 2**20, 1)}
-    if not cuda:
-        out["maxrss_before_mib"] = round(base / 2**20, 1)
-        out["rss_before_mib"] = round(rss_before / 2**20, 1)
-    return out
+    return measure_loss(lambda: loss_fn(h, w, t), h, w, spec)
 
 
 # --------------------------------------------------------------------------- driver

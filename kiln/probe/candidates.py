@@ -100,13 +100,10 @@ def _inputs(documents: list[str], name: str) -> list[str]:
     """The files to read: a kiln stage directory stands for its kept docs/."""
     from kiln.curation import paths
 
-    resolved = []
     for p in documents:
         if not paths.exists(p):
             raise ConfigError(f"[[candidate]] {name}: documents {p} not found")
-        docs = paths.join(p, "docs")
-        resolved.append(docs if paths.exists(paths.join(p, "stats.json")) and paths.exists(docs) else p)
-    files = paths.expand_inputs(resolved)
+    files = paths.document_files(documents)
     if not files:
         raise ConfigError(f"[[candidate]] {name}: no files under {', '.join(documents)}")
     return files

@@ -111,10 +111,8 @@ def plan(probe: Probe, log=_log) -> Plan:
     if p.base:
         base = bases.resolve(p.base, p.output, p.lr, p.tokenizer, log)
         _check_base(base, source, p.base)
-    from kiln.probe.candidates import shards_digest
-
     return Plan(probe, default, source, sets, metrics, primary, tokenizer_dir, prepared, epochs, base,
-                shards_key=shards_digest(p.shards))
+                shards_key=cands.shards_digest(p.shards))
 
 
 def _primary(probe: Probe, sets: list, default: Mixture, metrics: list[str]) -> str:

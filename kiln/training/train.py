@@ -279,19 +279,8 @@ def setup_stage(run: Run, i: int, previous: str) -> TrainingStage:
     validator = Validator(run.source, cfg, micro, world, run.tokenizer)
     paths = stage_paths(recipe, i)
     resolved = resolved_config(run, cfg, model, mixture)
-    state = StageState()
-    if run.options.resume:
-        state = resume(run, cfg, paths, model, optimizer, sampler) or state
-    if world.main:
-        os.makedirs(paths.root, exist_ok=True)
-        with open(paths.resolved_recipe, "w", encoding="utf-8") as f:
-            json.dump(resolved, f, indent=2)
-        truncate_metrics(paths.metrics, state.step)  # the steps after the checkpoint are logged again
-    metrics = MetricsLogger(paths.metrics, world.main, paths.tensorboard if recipe.run.tensorboard else "")
-    n_params = num_params(model.hf)
-    meter = Throughput(flops_per_token(n_params, run.model_cfg.num_layers, run.model_cfg.hidden_size, cfg.seq_len),
-                       peak_flops(world.device), world.size)
-    run.log.print(f"[{cfg.name}] {n_params / 1e6:.2f}M non-embedding parameters, {cfg.tokens:,} tokens, "
+    state, metrics, meter = start_bookkeeping(run, cfg, paths, model, optimizer, sampler, resolved)
+    run.log.print(f"[{cfg.name}] {num_params(model.hf) / 1e6:.2f}M non-embedding parameters, {cfg.tokens:,} tokens, "
                   f"seq_len {cfg.seq_len}, mixture {mixture.weights}"
                   + (f" blended {cfg.blend_ratio:.0%} with {cfg.blend}" if cfg.blend else "")
                   + f", {model.kernels.backend} kernels")
@@ -332,6 +321,26 @@ def attach_ema(model: torch.nn.Module, stage: StageConfig) -> None:
         model.ema = EMA(model.hf, stage.ema_decay)
 
 
+def start_bookkeeping(run: Run, cfg: StageConfig, paths: StagePaths, model, optimizer, sampler, resolved: dict
+                      ) -> tuple[StageState, MetricsLogger, Throughput]:
+    """The stage's loop state (resumed from its newest checkpoint when there is one and
+    `options.resume`), its resolved config written beside it, its metrics log and its
+    throughput meter: the same for every kind of stage."""
+    world = run.world
+    state = StageState()
+    if run.options.resume:
+        state = resume(run, cfg, paths, model, optimizer, sampler) or state
+    if world.main:
+        os.makedirs(paths.root, exist_ok=True)
+        with open(paths.resolved_recipe, "w", encoding="utf-8") as f:
+            json.dump(resolved, f, indent=2)
+        truncate_metrics(paths.metrics, state.step)  # the steps after the checkpoint are logged again
+    metrics = MetricsLogger(paths.metrics, world.main, paths.tensorboard if run.recipe.run.tensorboard else "")
+    meter = Throughput(flops_per_token(num_params(model.hf), run.model_cfg.num_layers, run.model_cfg.hidden_size,
+                                       cfg.seq_len), peak_flops(world.device), world.size)
+    return state, metrics, meter
+
+
 def lm_forward(model, b) -> tuple[torch.Tensor, dict]:
     return model(b.input_ids, b.labels, b.position_ids, b.segment_ids), {}
 
@@ -362,23 +371,12 @@ def setup_post_stage(run: Run, i: int, previous: str) -> TrainingStage:
 
     ps = post.setup(cfg.kind, cfg, hf, tok, world, micro, recipe.run.seed + 1000 * i, paths.root, run.log.print, place)
     if cfg.epochs:
-        steps = post.steps_for(cfg, ps.items, world.size)
+        steps = post.steps_for(cfg, ps.items)
         cfg = dataclasses.replace(cfg, tokens=steps * cfg.batch_size * cfg.seq_len)
     attach_ema(ps.model, cfg)
     optimizer = optimizer_for(ps.model, recipe, lr_at(cfg, 0), world.device)
     resolved = resolved_config(run, cfg, ps.model, None)
-    state = StageState()
-    if run.options.resume:
-        state = resume(run, cfg, paths, ps.model, optimizer, ps.sampler) or state
-    if world.main:
-        os.makedirs(paths.root, exist_ok=True)
-        with open(paths.resolved_recipe, "w", encoding="utf-8") as f:
-            json.dump(resolved, f, indent=2)
-        truncate_metrics(paths.metrics, state.step)
-    metrics = MetricsLogger(paths.metrics, world.main, paths.tensorboard if recipe.run.tensorboard else "")
-    n_params = num_params(ps.model.hf)
-    meter = Throughput(flops_per_token(n_params, run.model_cfg.num_layers, run.model_cfg.hidden_size, cfg.seq_len),
-                       peak_flops(world.device), world.size)
+    state, metrics, meter = start_bookkeeping(run, cfg, paths, ps.model, optimizer, ps.sampler, resolved)
     run.log.print(f"[{cfg.name}] {cfg.kind} from {previous}: {ps.items} training items, "
                   f"{cfg.tokens // (cfg.batch_size * cfg.seq_len)} steps of {cfg.batch_size}, lr {cfg.lr:g}, "
                   f"{ps.model.kernels.backend} kernels")

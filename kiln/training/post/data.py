@@ -126,7 +126,7 @@ class ChatTokenizer:
         self.pad_id = self.tok.token_to_id("<|pad|>") or self.tok.token_to_id("<|endoftext|>") or 0
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, messages: list[dict], spans_of: str = "assistant") -> tuple[list[int], list[bool], list[bool]]:
+    def encode(self, messages: list[dict]) -> tuple[list[int], list[bool], list[bool]]:
         """(ids, trained, format): `trained` marks tokens inside assistant content +
         <|eot_id|>; `format` marks header and <|eot_id|> tokens."""
         r = render(messages)
@@ -287,7 +287,11 @@ class _EpochSampler:
         self.epoch, self.cursor, self.drawn = 0, 0, 0
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch]))).permutation(self.n)
+        """Epoch `epoch`'s permutation (kept for the current epoch: `take` reads it per item)."""
+        if getattr(self, "_order_epoch", None) != epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            self._order, self._order_epoch = rng.permutation(self.n), epoch
+        return self._order
 
     def take(self, k: int) -> list[int]:
         block, mine = k * self.world_size, []

@@ -245,6 +245,6 @@ class PairValidator:
         return {f"val/{self.kind}/{k}": all_reduce_mean(v / len(self.indices), self.world) for k, v in sums.items()}
 
 
-def steps_for(cfg, items: int, world_size: int) -> int:
+def steps_for(cfg, items: int) -> int:
     """Optimizer steps of `epochs` passes over `items` training items, batch_size per step."""
     return max(1, math.ceil(cfg.epochs * items / cfg.batch_size))
