@@ -2,21 +2,24 @@
 
 Imported only when something resolves to Liger (a CUDA device, see
 `backend.resolve_backend`), so CPU runs never import Triton. What the model runs from
-here: `linear_cross_entropy` and `linear_logprobs` (through `kiln.kernels`) and Liger's
-RMSNorm / SwiGLU / RoPE modules (`apply_liger_to_model`). `rms_norm`, `swiglu` and
-`apply_rope` are test entry points only: they call the same Liger autograd Functions
-those modules call (liger-kernel 0.8.5), with the options that reproduce the Llama
-semantics of the references, so tests/kernels can check Liger's ops against
-`reference` op by op.
+here: `linear_cross_entropy`, `linear_logprobs` and `linear_distill_loss` (through
+`kiln.kernels`) and Liger's RMSNorm / SwiGLU / RoPE modules (`apply_liger_to_model`).
+`rms_norm`, `swiglu` and `apply_rope` are test entry points only: they call the same
+Liger autograd Functions those modules call (liger-kernel 0.8.5), with the options that
+reproduce the Llama semantics of the references, so tests/kernels can check Liger's ops
+against `reference` op by op.
 """
 
 from __future__ import annotations
 
 import torch
+from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
 from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 from liger_kernel.ops.rope import LigerRopeFunction
 from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+from kiln.kernels import distill
 
 
 # --------------------------------------------------------------------------- test entry points
@@ -95,6 +98,71 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         hidden2d, weight, targets.reshape(-1), None, None, ignore_index, 0.0, 0.0, "none", None, False,
         torch.float32)
     return (-loss).reshape(targets.shape)
+
+
+class _LigerFusedLinearJSDInFP32(LigerFusedLinearJSDFunction):
+    """Liger's fused linear JSD with its log-softmaxes and KL terms in fp32.
+
+    Liger (0.8.5) takes the log-softmax of each chunk's logits in their own dtype: in bf16
+    a log-prob near -10 is off by up to 0.03, more than the whole KL of a student close to
+    its teacher. Liger's chunking, gradients and loss formula are kept; only the logits
+    are cast first. Liger still divides the logits by the temperature in their dtype
+    before this cast (one more bf16 rounding of each logit when tau != 1).
+    """
+
+    @staticmethod
+    def distillation_loss_fn(student_logits, teacher_logits, beta=0.5, target=None, ignore_index=-100):
+        return LigerFusedLinearJSDFunction.distillation_loss_fn(student_logits.float(), teacher_logits.float(),
+                                                                beta=beta, target=target, ignore_index=ignore_index)
+
+
+def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
+                        teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                        teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None, loss: str = "kl",
+                        alpha: float = 0.9, beta: float = 0.5, temperature: float = 1.0, top_k: int = 0,
+                        ignore_index: int = -100, chunk_size: int = 0, compiled: bool = True
+                        ) -> tuple[torch.Tensor, dict]:
+    """"kl" and "jsd" through Liger's fused linear JSD (`liger_kernel.chunked_loss`,
+    `LigerFusedLinearJSDFunction`), where it computes what `distill.linear_distill_loss` does.
+
+    How kiln's options map onto Liger's (0.8.5): weight_hard_loss 0 and weight_soft_loss 1
+    (the distillation term alone, whose label cross-entropy Liger then skips); jsd_beta =
+    `beta` for "jsd", and 0 for "kl", which Liger computes as the forward KL(P_T || P_S)
+    (`jsd_loss.py`: `if beta == 0: F.kl_div(student_log_probs, teacher_log_probs,
+    log_target=True)`); "kl" is then multiplied by tau^2, which Liger does not apply. Liger
+    divides by the number of non-ignored tokens clamped to 1 (0, not NaN, when all are
+    ignored), as the reference. Both lm_heads are cut to their common rows first: Liger
+    would pad a smaller student vocabulary with zero logits, which are probabilities, not
+    absent tokens. Its log-softmaxes are made fp32 (`_LigerFusedLinearJSDInFP32`).
+
+    What runs the reference instead (`distill.linear_distill_loss`): "top1_mix", `top_k`,
+    `teacher_topk` (Liger has none of them) and calls without gradients (evaluation: Liger
+    computes gradients in its forward whether or not they are wanted). The metrics are
+    not a by-product of Liger's chunks, so they cost one more no-grad pass of the
+    reference over both lm_heads (`distill.distill_metrics`). Not the same as the
+    reference: Liger accumulates grad_weight over chunks in the weight's dtype (bf16
+    under mixed precision; the reference sums in fp32) and chooses its own chunks from
+    `chunk_size` (at least that many tokens each). `compiled` is Liger's torch.compile of
+    each chunk's step (tests run it uncompiled on the CPU).
+    """
+    kwargs = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_topk=teacher_topk,
+                  loss=loss, alpha=alpha, beta=beta, temperature=temperature, top_k=top_k,
+                  ignore_index=ignore_index, chunk_size=chunk_size)
+    grads_wanted = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
+    if loss not in ("kl", "jsd") or top_k or teacher_topk is not None or not grads_wanted:
+        return distill.linear_distill_loss(student_hidden, student_weight, targets, **kwargs)
+    x = distill.check_distill_inputs("linear_distill_loss", student_hidden, student_weight, targets, **kwargs)
+    metrics = distill.distill_metrics(x)
+    with torch.autocast(x.hidden.device.type, enabled=False):
+        # (student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias, teacher_bias,
+        #  weight_hard_loss, weight_soft_loss, beta, ignore_index, temperature, compiled, chunk_size,
+        #  return_soft_hard_loss)
+        value = _LigerFusedLinearJSDInFP32.apply(
+            x.hidden, x.weight, x.teacher.hidden, x.teacher.weight, x.targets, None, None, 0.0, 1.0,
+            0.0 if loss == "kl" else beta, ignore_index, temperature, compiled, x.chunk, False)
+    if loss == "kl" and temperature != 1.0:
+        value = value * temperature**2
+    return value, metrics
 
 
 def apply_liger_to_model(model: torch.nn.Module) -> None:
