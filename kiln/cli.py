@@ -5,6 +5,7 @@
     kiln train RECIPE                                staged pretraining       (kiln/training/cli.py)
     kiln probe run PROBE.toml | report OUT           annealing probes         (kiln/probe/cli.py)
     kiln average MODEL MODEL ... --out DIR           model averaging          (kiln/training/average_cli.py)
+    kiln generate --model DIR --prompts P --out OUT  sampling completions     (kiln/training/generate_cli.py)
 
 `kiln PART --help` explains each; `torchrun -m kiln.training RECIPE` trains with FSDP2.
 """
@@ -29,6 +30,7 @@ PARTS = {
     "train": ("kiln.training.cli", "staged pretraining from a TOML recipe (FSDP2 under torchrun)"),
     "probe": ("kiln.probe.cli", "annealing probes: does a dataset help? (paired seeds, intervals, a verdict)"),
     "average": ("kiln.training.average_cli", "average exported models (uniform or weighted): Llama 3's model averaging"),
+    "generate": ("kiln.training.generate_cli", "sample completions with the chat template (batched, sharded, resumable)"),
 }
 
 
