@@ -90,11 +90,14 @@ probe: setup
 
 # Post-training of the tiny model (make demo first): recipes/tiny_train.toml's three
 # pretraining stages (reused once done), then recipes/tiny_post.toml: SFT, a reward model
-# and DPO from the SFT model, on the post-training data the sample's generator writes.
+# and DPO from the SFT model, a rejection-sampling round, two online-DPO rounds and RLOO,
+# on the post-training data the sample's generator writes; then recipes/tiny_distill.toml:
+# a half-width student distilled from the tiny model, against the labels alone.
 post: setup $(SAMPLE)
 	@test -f $(SHARDS)/availability.json || { echo "no demo shards in $(SHARDS): run make demo first"; exit 2; }
 	$(KILN) train recipes/tiny_train.toml
 	$(KILN) train recipes/tiny_post.toml
+	$(KILN) train recipes/tiny_distill.toml
 
 # The tests, then the fault suite without writing its table (make faults writes it).
 test: setup

@@ -10,7 +10,12 @@ What the model runs, and where it comes from:
   two paths, for post-training (DPO's sequence log-probs, the reference's cached ones).
 - DPO from hidden states: `linear_dpo_loss` (`linear_logprobs` then the DPO loss);
   `dpo_loss` on given sequence log-probs and the reward model's Bradley-Terry
-  `reward_loss` are plain PyTorch on (B,) tensors (`kiln.kernels.preference`).
+  `reward_loss` are plain PyTorch on (B,) tensors (`kiln.kernels.preference`), as are
+  RLOO's `rloo_advantages` and `rloo_loss` (policy gradient with a mirror-descent anchor).
+- Distillation from hidden states: `linear_distill_loss` (KL, AFM's top-1 mix, JSD; from
+  the teacher's hidden states or a cache of its top-k logits, `teacher_topk_logits`),
+  chunked (`kiln.kernels.distill`); Liger's fused linear JSD on CUDA where it computes
+  the same thing.
 - RMSNorm, SwiGLU and RoPE: transformers' own modules off CUDA; on CUDA, Liger's,
   patched into the transformers model by `apply_liger_to_model`.
 
@@ -29,14 +34,15 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels import preference, reference
+from kiln.kernels import distill, preference, reference
 from kiln.kernels.backend import (BACKENDS, KernelsConfig, default_backend, resolve_backend, resolve_for,
                                   use_backend)
-from kiln.kernels.preference import dpo_loss, reward_loss
+from kiln.kernels.distill import teacher_topk_logits
+from kiln.kernels.preference import dpo_loss, reward_loss, rloo_advantages, rloo_loss
 
 __all__ = ["BACKENDS", "KernelsConfig", "apply_liger_to_model", "default_backend", "dpo_loss",
-           "linear_cross_entropy", "linear_dpo_loss", "linear_logprobs", "resolve_backend", "reward_loss",
-           "use_backend"]
+           "linear_cross_entropy", "linear_distill_loss", "linear_dpo_loss", "linear_logprobs", "resolve_backend",
+           "reward_loss", "rloo_advantages", "rloo_loss", "teacher_topk_logits", "use_backend"]
 
 
 def _liger():
@@ -126,6 +132,48 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return preference.dpo_loss_on_tokens(token_logps, targets != ignore_index, ref_chosen_logps,
                                          ref_rejected_logps, beta=beta, loss_type=loss_type,
                                          nll_weight=nll_weight, label_smoothing=label_smoothing)
+
+
+def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor,
+                        teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                        teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None, loss: str = "kl",
+                        alpha: float = 0.9, beta: float = 0.5, temperature: float = 1.0, top_k: int = 0,
+                        ignore_index: int = -100, chunk_size: int = 0, backend: str | None = None
+                        ) -> tuple[torch.Tensor, dict]:
+    """Knowledge-distillation loss of a student's hidden states against a teacher, without the full logits.
+
+    student_hidden (..., H_s), student_weight (V_s, H_s) its lm_head; targets (...) the
+    labels, `ignore_index` where a token is not trained. The teacher: teacher_hidden
+    (..., H_t) with teacher_weight (V_t, H_t), or teacher_topk (values, indices), each
+    (..., k), its k largest raw logits and their token ids (`teacher_topk_logits`), so it
+    need not be resident. The teacher gets no gradient. Both run on the common vocabulary,
+    the first min(V_s, V_t) rows: kiln pads vocabularies to a multiple of 64 and the caller
+    has checked that both cover the tokenizer; a non-ignored target beyond is an error.
+
+    loss "kl" (tau^2 KL(P_T || P_S), Gemma 2), "top1_mix" (-[alpha log P_S(teacher top-1)
+    + (1 - alpha) log P_S(label)], Apple AFM) or "jsd" (generalized JSD with `beta`,
+    Liger-Kernel's convention: beta = 0 forward KL, 1 reverse KL); temperature divides the
+    logits, top_k > 0 restricts the teacher to its k largest logits (definitions:
+    `kiln.kernels.distill`). The loss is the mean over non-ignored tokens, 0 when there
+    are none, fp32 whatever the input dtype. Returns (loss, metrics), metrics detached
+    fp32 means over non-ignored tokens: "kl" (KL(P_T || P_S) at temperature 1, over the
+    top-k if any: the held-out measure), "teacher_agreement" (share of tokens whose
+    student argmax is the teacher's) and "nll" (of the labels).
+
+    On CUDA, Liger's fused linear JSD computes "kl" and "jsd" without top-k when gradients
+    are wanted; the rest runs the chunked reference (`kiln.kernels.liger.linear_distill_loss`).
+    `chunk_size`, `backend` and the FSDP2 rule as in `linear_cross_entropy`; a sharded
+    teacher lm_head is refused the same way.
+    """
+    _refuse_sharded("linear_distill_loss", student_weight)
+    if teacher_weight is not None:
+        _refuse_sharded("linear_distill_loss", teacher_weight)
+    tensors = [t for t in (student_hidden, student_weight, targets, teacher_hidden, teacher_weight) if t is not None]
+    impl = _liger() if resolve_for(backend, *tensors) == "liger" else distill
+    return impl.linear_distill_loss(student_hidden, student_weight, targets, teacher_hidden=teacher_hidden,
+                                    teacher_weight=teacher_weight, teacher_topk=teacher_topk, loss=loss, alpha=alpha,
+                                    beta=beta, temperature=temperature, top_k=top_k, ignore_index=ignore_index,
+                                    chunk_size=chunk_size)
 
 
 def _refuse_sharded(name: str, weight: torch.Tensor) -> None:

@@ -111,3 +111,40 @@ def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, ma
         loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()
     metrics = {"accuracy": (diff > 0).float().mean().detach(), "margin": diff.mean().detach()}
     return loss, metrics
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out advantages of K samples per prompt: (P, K) rewards -> (P, K)
+    r_i - mean_{j != i} r_j = K / (K - 1) (r_i - mean_j r_j) (RLOO, Kool et al. 2019;
+    Ahmadian et al. 2024): each sample's baseline is the mean of its siblings, so the
+    estimate stays unbiased without a value network."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rloo_advantages: rewards must be (prompts, K >= 2), got {tuple(rewards.shape)}")
+    k = rewards.shape[1]
+    r = rewards.float()
+    return k / (k - 1) * (r - r.mean(dim=1, keepdim=True))
+
+
+def rloo_loss(token_logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+              md_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Policy-gradient loss of sampled responses with a mirror-descent anchor (AFM's
+    MDLOO in its simple form).
+
+    token_logps (R, T) the policy's log-probs of the sampled tokens (0 where not `mask`),
+    old_logps (R, T) those of the policy that sampled them (detached), advantages (R,).
+    pg = -mean_i A_i sum_t exp(logp - old_logp): at the sampling weights the ratio is 1 and
+    the gradient is REINFORCE's, -A_i grad log pi(y_i); on a rollout's later updates the
+    ratio reweights. md = mean over tokens of (ratio - 1) - log ratio, the k3 estimate of
+    KL(sampling policy || policy), 0 with zero gradient at the sampling weights: with
+    md_coef it is the mirror-descent step size's anchor. Returns (loss, metrics)."""
+    if token_logps.shape != old_logps.shape or token_logps.shape != mask.shape or advantages.shape != \
+            token_logps.shape[:1]:
+        raise ValueError(f"rloo_loss: token_logps {tuple(token_logps.shape)}, old_logps {tuple(old_logps.shape)}, "
+                         f"mask {tuple(mask.shape)} and advantages {tuple(advantages.shape)} do not fit")
+    m = mask.float()
+    log_ratio = (token_logps.float() - old_logps.float()) * m
+    ratio = torch.exp(log_ratio)
+    pg = -(advantages.float()[:, None] * ratio * m).sum() / token_logps.shape[0]
+    md = (((ratio - 1) - log_ratio) * m).sum() / m.sum().clamp(min=1)
+    loss = pg + md_coef * md if md_coef else pg
+    return loss, {"pg_loss": pg.detach(), "md_kl": md.detach()}

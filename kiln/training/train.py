@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ from kiln.training.metrics import (MetricsLogger, Throughput, eta, flops_per_tok
                                   truncate_metrics)
 from kiln.training.model import CausalLM, ModelConfig, build_model, num_params, resolve, save_hf, set_rope_theta
 from kiln.training.parallelize import autocast, parallelize
-from kiln.training.recipe import Recipe, StageConfig, batch_size_at, lr_at
+from kiln.training.recipe import POLICY_KINDS, Recipe, StageConfig, batch_size_at, lr_at, round_of
 from kiln.training.validate import Validator
 
 # --------------------------------------------------------------------------- where a run writes
@@ -156,31 +157,161 @@ def train(recipe: Recipe, options: RunOptions | None = None) -> list[dict]:
     earlier launch included). A run ended by `options.stop_after_steps` returns the
     summaries of the stages it finished."""
     run = start_run(recipe, options or RunOptions())
-    summaries, previous = [], recipe.run.init
+    summaries, policy = [], recipe.run.init
+    round_policies: dict[int, str] = {}  # round k -> the policy it ended with (0: before the first)
     for i, stage_cfg in enumerate(recipe.stages):
         paths = stage_paths(recipe, i)
-        previous = starting_point(recipe, i, previous)
+        policy = round_start(run, i, policy, round_policies)
+        start = starting_point(recipe, i, policy)
         if os.path.exists(paths.done):
             run.log.print(f"[{stage_cfg.name}] finished earlier: {paths.final}")
-            summaries.append(read_stage_summary(paths.final))
+            summary = read_stage_summary(paths.final)
+        elif stage_cfg.kind == "rejection_sampling":
+            summary = rejection_sampling_stage(run, i, start)
         else:
-            summary = train_stage(run, i, previous)
+            summary = train_stage(run, i, start)
             if summary is None:  # stopped (stop_after_steps)
                 break
-            summaries.append(summary)
-        previous = paths.final
+        summaries.append(summary)
+        if stage_cfg.kind in POLICY_KINDS:  # a reward model or a sampling stage is not the next policy
+            policy = paths.final
+        k = round_of(stage_cfg.name, recipe.rounds)
+        if k and stage_cfg.name == f"{recipe.rounds.stages[-1]}_r{k}":
+            round_policies[k] = policy  # the policy round k ended with
+    else:
+        if recipe.rounds is not None:
+            rounds_summary(run, round_policies)
     run.log.close()
     return summaries
 
 
+def model_ref(recipe: Recipe, i: int, ref: str) -> str:
+    """A model reference of stage `i`: an earlier stage's name means its export; anything
+    else is a directory."""
+    names = [s.name for s in recipe.stages[:i]]
+    return stage_paths(recipe, names.index(ref)).final if ref in names else ref
+
+
+def file_ref(recipe: Recipe, i: int, value: str) -> str:
+    """A file reference of stage `i`: "@<stage>/<file>" is a file an earlier stage wrote."""
+    if not value.startswith("@"):
+        return value
+    name, rest = value[1:].split("/", 1)
+    names = [s.name for s in recipe.stages[:i]]
+    return os.path.join(stage_paths(recipe, names.index(name)).root, rest)
+
+
+def stage_with_refs(recipe: Recipe, i: int) -> StageConfig:
+    """Stage `i`'s config with its references resolved: "@<stage>/<file>" paths to
+    files, stage names in teacher, reward and committee to exports."""
+    s = recipe.stages[i]
+    return dataclasses.replace(s, data=file_ref(recipe, i, s.data), val_data=file_ref(recipe, i, s.val_data),
+                               prompts=file_ref(recipe, i, s.prompts),
+                               teacher=model_ref(recipe, i, s.teacher) if s.teacher else "",
+                               reward=[model_ref(recipe, i, r) for r in s.reward],
+                               committee=[model_ref(recipe, i, c) for c in s.committee])
+
+
 def starting_point(recipe: Recipe, i: int, previous: str) -> str:
     """What stage `i` starts from: its `from` (an earlier stage's export, or a model
-    directory), else `previous` (the last stage's export, or [run] init for the first)."""
+    directory), else `previous` (the policy: the last policy stage's export, or [run]
+    init for the first); "" (new weights) for a `fresh` stage."""
+    if recipe.stages[i].fresh:
+        return ""
     name = recipe.stages[i].start_from
-    if not name:
-        return previous
-    names = [s.name for s in recipe.stages[:i]]
-    return stage_paths(recipe, names.index(name)).final if name in names else name
+    return model_ref(recipe, i, name) if name else previous
+
+
+def round_start(run: Run, i: int, policy: str, round_policies: dict[int, str]) -> str:
+    """At the first stage of round k of a [rounds] block: record the policy round k - 1
+    ended with and, with `average_last` K > 1, start round k from the uniform average of
+    the last K rounds' policies (written once to <output>/rounds/average_r<k>/)."""
+    recipe = run.recipe
+    rounds = recipe.rounds
+    k = round_of(recipe.stages[i].name, rounds)
+    if not k or recipe.stages[i].name != f"{rounds.stages[0]}_r{k}":
+        return policy
+    round_policies[k - 1] = policy
+    if k < 2 or rounds.average_last < 2:
+        return policy
+    dirs = [round_policies[j] for j in range(max(1, k - rounds.average_last), k)]
+    if len(dirs) < 2:
+        return policy
+    from kiln.training.average import SUMMARY_FILE, average_models
+
+    out = os.path.join(recipe.run.output, "rounds", f"average_r{k}")
+    if run.world.main and not os.path.exists(os.path.join(out, SUMMARY_FILE)):
+        shutil.rmtree(out, ignore_errors=True)
+        run.log.print(f"[rounds] round {k} starts from the average of " + ", ".join(dirs))
+        average_models(dirs, out, log=run.log.print)
+    barrier(run.world)
+    return out
+
+
+def rejection_sampling_stage(run: Run, i: int, policy: str) -> dict:
+    """A rejection_sampling stage (kiln.training.post.rejection): no training; its
+    outputs are files later stages read ("@<stage>/sft.jsonl", "@<stage>/pairs.jsonl")."""
+    from kiln.training.post import rejection
+
+    recipe, cfg = run.recipe, stage_with_refs(run.recipe, i)
+    where = f"{recipe.path}: [[stage]] {cfg.name}"
+    if not policy:
+        raise ConfigError(f"{where}: rejection sampling samples a policy: set [run] init, its from, or put a stage "
+                          "before it")
+    paths = stage_paths(recipe, i)
+    stats = rejection.run(cfg, policy, cfg.committee, cfg.reward, run.tokenizer, paths.root,
+                          recipe.run.seed + 1000 * i, run.world, run.log.print, where)
+    summary = {"stage": cfg.name, "kind": cfg.kind, "policy": policy, "final": None,
+               **{k: stats.get(k) for k in ("drawn", "kept", "pairs", "samples_per_kept", "reward_gain",
+                                            "heldout_reward")}}
+    if run.world.main:
+        os.makedirs(paths.final, exist_ok=True)
+        with open(paths.done, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    barrier(run.world)
+    return summary
+
+
+def rounds_summary(run: Run, round_policies: dict[int, str]) -> None:
+    """<output>/rounds.json and a table: per round, what its rejection sampling cost
+    (samples per kept example) and bought (reward gain of the kept set; the held-out
+    reward of the policy before the round and after it)."""
+    from kiln.training.post import rejection
+
+    recipe, rounds = run.recipe, run.recipe.rounds
+    rs = [i for i, s in enumerate(recipe.stages) if s.kind == "rejection_sampling" and round_of(s.name, rounds)]
+    if not rs:
+        return
+    path = os.path.join(recipe.run.output, "rounds.json")
+    if os.path.exists(path):
+        return
+    rows = []
+    for i in rs:
+        with open(os.path.join(stage_paths(recipe, i).root, rejection.STATS_FILE), encoding="utf-8") as f:
+            stats = json.load(f)
+        rows.append({"round": round_of(recipe.stages[i].name, rounds), "stage": recipe.stages[i].name,
+                     **{k: stats.get(k) for k in ("drawn", "kept", "pairs", "samples_per_kept", "reward_gain")},
+                     "reward_kept": stats["reward_kept"].get("mean"), "reward_all": stats["reward_all"].get("mean"),
+                     "heldout_before": stats.get("heldout_reward")})
+    for row, after in zip(rows, rows[1:]):
+        row["heldout_after"] = after["heldout_before"]
+    last = rs[-1]
+    cfg, root = stage_with_refs(recipe, last), stage_paths(recipe, last).root
+    eval_file = os.path.join(root, "prompts_eval.jsonl")
+    if os.path.getsize(eval_file):
+        run.log.print(f"[rounds] held-out reward of the final policy {round_policies[rounds.count]}")
+        rows[-1]["heldout_after"] = rejection.evaluate_policy(
+            cfg, round_policies[rounds.count], cfg.reward, run.tokenizer,
+            eval_file, os.path.join(recipe.run.output, "rounds", "heldout_final.jsonl"),
+            recipe.run.seed + 1000 * last, run.world, run.log.print, f"{recipe.path}: [rounds]")
+    if run.world.main:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"rounds": rows}, f, indent=2)
+        run.log.print("[rounds] round  drawn  kept  per-kept  gain    held-out before -> after")
+        for r in rows:
+            run.log.print(f"[rounds] {r['round']:>5}  {r['drawn']:>5}  {r['kept']:>4}  {r['samples_per_kept'] or 0:>8.1f}"
+                          f"  {r['reward_gain'] or 0:+.3f}  {r.get('heldout_before') or 0:+.3f} -> "
+                          f"{r.get('heldout_after') or 0:+.3f}")
 
 
 def start_run(recipe: Recipe, options: RunOptions) -> Run:
@@ -262,6 +393,8 @@ def setup_stage(run: Run, i: int, previous: str) -> TrainingStage:
     """Mixture, model, optimizer, sampler and validator of stage `i`, resumed from its
     newest checkpoint when there is one (and `options.resume`)."""
     recipe, world, cfg = run.recipe, run.world, run.recipe.stages[i]
+    if cfg.kind == "distill":
+        return setup_distill_stage(run, i, previous)
     if cfg.kind != "pretrain":
         return setup_post_stage(run, i, previous)
     mixture = stage_mixture(recipe, cfg)
@@ -352,7 +485,7 @@ def setup_post_stage(run: Run, i: int, previous: str) -> TrainingStage:
     from kiln.training.post import stages as post
     from kiln.training.post.data import ChatTokenizer
 
-    recipe, world, cfg = run.recipe, run.world, run.recipe.stages[i]
+    recipe, world, cfg = run.recipe, run.world, stage_with_refs(run.recipe, i)
     where = f"{recipe.path}: [[stage]] {cfg.name}"
     if not previous:
         raise ConfigError(f"{where}: a {cfg.kind} stage starts from a model: set [run] init, its from, or put a "
@@ -384,6 +517,33 @@ def setup_post_stage(run: Run, i: int, previous: str) -> TrainingStage:
                          metrics, meter, forward=ps.forward)
 
 
+def setup_distill_stage(run: Run, i: int, previous: str) -> TrainingStage:
+    """A distill stage (kiln.training.post.distill): a student (the previous export, or
+    fresh weights of the recipe's [model]) trained on the teacher's distributions over
+    token shards or SFT rows, with the loop, checkpoints and resume of pretraining."""
+    from kiln.training.post import distill
+
+    recipe, world, cfg = run.recipe, run.world, stage_with_refs(run.recipe, i)
+    where = f"{recipe.path}: [[stage]] {cfg.name}"
+    micro = cfg.micro_batch_size or max(1, cfg.batch_size // world.size)
+    check_batching(cfg, micro, world, where)
+    paths = stage_paths(recipe, i)
+    student = stage_hf(run, cfg, previous).to(world.device)
+    cfg, model, sampler, validator, forward = distill.setup(run, cfg, i, micro, student, cfg.teacher, paths.root,
+                                                            where)
+    model = parallelize(model.to(world.device), recipe.parallel, world, recipe.kernels)
+    attach_ema(model, cfg)
+    optimizer = optimizer_for(model, recipe, lr_at(cfg, 0), world.device)
+    resolved = resolved_config(run, cfg, model, None)
+    state, metrics, meter = start_bookkeeping(run, cfg, paths, model, optimizer, sampler, resolved)
+    run.log.print(f"[{cfg.name}] distill ({cfg.loss}) from teacher {cfg.teacher} into "
+                  f"{num_params(model.hf) / 1e6:.2f}M non-embedding parameters"
+                  + (f" (from {previous})" if previous else " (fresh)")
+                  + f", {cfg.tokens:,} tokens, {model.kernels.backend} kernels")
+    return TrainingStage(cfg, paths, None, micro, model, optimizer, sampler, validator, resolved, state, metrics,
+                         meter, forward=forward)
+
+
 def stage_mixture(recipe: Recipe, stage: StageConfig) -> Mixture:
     where = f"{recipe.path}: [[stage]] {stage.name}"
     if stage.weights:
@@ -405,9 +565,16 @@ def check_batching(stage: StageConfig, micro: int, world: World, where: str) -> 
 def stage_model(run: Run, stage: StageConfig, previous: str) -> CausalLM:
     """The previous stage's export, `[run] init` for the first stage, or fresh weights,
     with this stage's RoPE base and context, on the device, with the recipe's kernels and
-    parallelism applied. Exports are read from safetensors only, never unpickled: weights
-    from elsewhere enter a run this way, not as a checkpoint directory (DCP's index is a
-    pickle, trusted input)."""
+    parallelism applied."""
+    model = CausalLM(stage_hf(run, stage, previous)).to(run.world.device)
+    return parallelize(model, run.recipe.parallel, run.world, run.recipe.kernels)
+
+
+def stage_hf(run: Run, stage: StageConfig, previous: str):
+    """The Hugging Face model a pretraining-like stage starts from (see stage_model).
+    Exports are read from safetensors only, never unpickled: weights from elsewhere
+    enter a run this way, not as a checkpoint directory (DCP's index is a pickle,
+    trusted input)."""
     from transformers import AutoModelForCausalLM
 
     if previous:
@@ -425,8 +592,7 @@ def stage_model(run: Run, stage: StageConfig, previous: str) -> CausalLM:
         set_rope_theta(hf, stage.rope_theta)
     if stage.seq_len > hf.config.max_position_embeddings:
         hf.config.max_position_embeddings = stage.seq_len
-    model = CausalLM(hf).to(run.world.device)
-    return parallelize(model, run.recipe.parallel, run.world, run.recipe.kernels)
+    return hf
 
 
 def optimizer_for(model: torch.nn.Module, recipe: Recipe, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -529,6 +695,10 @@ def progress(run: Run, stage: TrainingStage, record: dict) -> dict:
                   f"gnorm {record['train/grad_norm']:.3f} {out['perf/tokens_per_s']:,.0f} tok/s"
                   + (f" mfu {out['perf/mfu']:.1%}" if "perf/mfu" in out else "")
                   + (f" acc {record['train/accuracy']:.2f}" if "train/accuracy" in record else "")
+                  + (f" reward {record['train/reward']:.3f} kl {record['train/kl']:.3f}" if "train/reward" in record
+                     else "")
+                  + (f" kl {record['train/kl']:.4f}" if "train/kl" in record and "train/reward" not in record
+                     else "")
                   + f" eta {eta(time.time() - state.started, state.tokens, stage.cfg.tokens)}")
     return out
 

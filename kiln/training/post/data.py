@@ -116,6 +116,7 @@ class ChatTokenizer:
         path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise ConfigError(f"{tokenizer_dir}: no tokenizer.json (post-training needs the chat tokenizer)")
+        self.dir = tokenizer_dir
         self.tok = Tokenizer.from_file(path)
         from kiln.formats.chat import BOS, EOT, END_HEADER, START_HEADER
 

@@ -33,7 +33,7 @@ from kiln.training.parallelize import ParallelConfig, autocast
 from kiln.training.post.data import (ChatTokenizer, PairSampler, SFTSampler, pair_batch, read_pairs, read_sft,
                                      split)
 
-POST_KINDS = ("sft", "reward", "dpo")
+POST_KINDS = ("sft", "reward", "dpo", "rloo")
 REF_CACHE = "ref_logps.safetensors"
 DATA_REPORT = "data_report.json"
 
@@ -82,6 +82,11 @@ def setup(kind: str, cfg, hf, tok: ChatTokenizer, world: World, micro: int, seed
     from kiln.training.post.models import PreferenceLM, RewardModel
 
     where = f"[[stage]] {cfg.name}"
+    if kind == "rloo":
+        from kiln.training.post import rloo
+
+        model, sampler, forward, validator, items = rloo.setup(cfg, hf, tok, world, micro, seed, log, parallelize_fn)
+        return PostStage(model, sampler, forward, validator, items)
     if not cfg.data:
         raise ConfigError(f"{where}: kind {kind!r} needs data = PATH")
     if kind == "sft":
