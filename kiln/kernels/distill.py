@@ -348,16 +348,7 @@ class ChunkedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        if not hasattr(ctx, "grad_hidden"):
-            raise RuntimeError("linear_distill_loss: backward ran twice through the same loss; its gradients "
-                               "are computed in forward and released by the first backward")
-        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
-        del ctx.grad_hidden, ctx.grad_weight
-        if grad_hidden is not None:
-            grad_hidden.mul_(grad_loss)
-        if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return (*reference.release_gradients(ctx, grad_loss, "linear_distill_loss"), None, None, None)
 
 
 def _metrics(kl: torch.Tensor, agreement: torch.Tensor, nll: torch.Tensor) -> dict:

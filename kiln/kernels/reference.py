@@ -143,6 +143,24 @@ def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets:
     return loss * scale, grad_hidden, grad_weight
 
 
+def release_gradients(ctx, grad_output: torch.Tensor, name: str) -> tuple:
+    """The backward of a scalar loss whose forward already computed (grad_hidden,
+    grad_weight) for an upstream gradient of 1 and kept them on `ctx`: scaled by the
+    upstream gradient and released, so a second backward through the same loss fails
+    clearly instead of reusing freed buffers."""
+    if not hasattr(ctx, "grad_hidden"):
+        raise RuntimeError(f"{name}: backward ran twice through the same loss; its gradients are computed in "
+                           "forward and released by the first backward")
+    grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+    del ctx.grad_hidden, ctx.grad_weight
+    # In place: a copy would double grad_weight's (V, H) memory at the end of backward.
+    if grad_hidden is not None:
+        grad_hidden.mul_(grad_output)
+    if grad_weight is not None:
+        grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
+    return grad_hidden, grad_weight
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` without the (tokens x vocab) logits.
 
@@ -177,17 +195,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if not hasattr(ctx, "grad_hidden"):
-            raise RuntimeError("linear_cross_entropy: backward ran twice through the same loss; its gradients "
-                               "are computed in forward and released by the first backward")
-        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
-        del ctx.grad_hidden, ctx.grad_weight
-        # In place: a copy would double grad_weight's (V, H) memory at the end of backward.
-        if grad_hidden is not None:
-            grad_hidden.mul_(grad_output)
-        if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return (*release_gradients(ctx, grad_output, "linear_cross_entropy"), None, None, None, None, None, None)
 
 
 def _flat_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):

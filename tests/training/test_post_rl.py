@@ -178,12 +178,17 @@ def test_a_committee_draws_k_from_each_member(root, tmp_path):
     assert {r["model"] for r in rows(out / "01_rs" / "sft.jsonl")} <= {"00_base", "01_other"}
 
 
-def test_a_reward_model_of_another_tokenizer_is_refused_before_sampling(root, tmp_path):
-    rm = tmp_path / "rm"
-    shutil.copytree(root / "rm", rm)
-    data = json.loads((rm / "tokenizer.json").read_text())
+def with_other_tokenizer(model: Path, out: Path) -> Path:
+    """A copy of `model` whose tokenizer.json differs in one special token."""
+    shutil.copytree(model, out)
+    data = json.loads((out / "tokenizer.json").read_text())
     data["added_tokens"][-1]["content"] = "<|other|>"
-    (rm / "tokenizer.json").write_text(json.dumps(data))
+    (out / "tokenizer.json").write_text(json.dumps(data))
+    return out
+
+
+def test_a_reward_model_of_another_tokenizer_is_refused_before_sampling(root, tmp_path):
+    rm = with_other_tokenizer(root / "rm", tmp_path / "rm")
     out = tmp_path / "bad"
     r = load(tmp_path / "b.toml", recipe(root, out, RS.format(root=root, committee="[]").replace(
         f"{root}/rm", str(rm))))
@@ -308,11 +313,7 @@ def test_the_teacher_cache_gives_the_resident_teachers_losses(root, teacher, tmp
 
 
 def test_a_teacher_of_another_tokenizer_is_refused(root, tmp_path):
-    teacher = tmp_path / "teacher"
-    shutil.copytree(root / "base", teacher)
-    data = json.loads((teacher / "tokenizer.json").read_text())
-    data["added_tokens"][-1]["content"] = "<|other|>"
-    (teacher / "tokenizer.json").write_text(json.dumps(data))
+    teacher = with_other_tokenizer(root / "base", tmp_path / "teacher")
     text = distill_recipe(root, tmp_path / "o", teacher)
     with pytest.raises(ConfigError, match="another tokenizer"):
         train(load(tmp_path / "t.toml", text))
@@ -380,3 +381,18 @@ def test_rounds_with_average_last_start_from_the_average_of_the_last_rounds(root
     assert [Path(m["path"]).parent.name for m in averaged["models"]] == ["02_dpo_r1", "04_dpo_r2"]
     r2 = json.loads((out / "03_rs_r2" / "final" / "kiln_stage.json").read_text())
     assert r2["policy"] == str(out / "02_dpo_r1" / "final")  # one round behind it: nothing to average
+
+
+def test_a_killed_rloo_stage_resumes_to_the_uninterrupted_losses(root, tmp_path):
+    from kiln.training.train import RunOptions
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    text = RLOO.format(root=root).replace("tokens = 1536", "tokens = 2048")
+    train(load(tmp_path / "w.toml", recipe(root, whole, text)))
+    resumed = load(tmp_path / "p.toml", recipe(root, parts, text))
+    train(resumed, RunOptions(stop_after_steps=2))
+    assert not (parts / "01_rl" / "final").exists()
+    train(resumed)
+    keys = ("train/loss", "train/reward", "train/kl", "train/md_kl")
+    assert [[r[k] for k in keys] for r in rows(parts / "01_rl" / "metrics.jsonl")] == \
+        [[r[k] for k in keys] for r in rows(whole / "01_rl" / "metrics.jsonl")]

@@ -199,8 +199,8 @@ def run(cfg, policy: str, committee: list[str], rewards: list[str], tokenizer_di
         generate_file(policy, eval_file, heldout_file, sampling_config(cfg, seed), log=log)
     stats = {}
     if world.main:
-        stats = choose_and_write(cfg, files, heldout_file if os.path.getsize(eval_file) else "", scorer, root, log)
-        stats["prompts"] = report
+        stats = choose_and_write(cfg, files, heldout_file if os.path.getsize(eval_file) else "", scorer, root, log,
+                                 report)
     barrier(world)
     if not world.main:
         with open(os.path.join(root, STATS_FILE), encoding="utf-8") as f:
@@ -274,8 +274,10 @@ def _read_samples(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def choose_and_write(cfg, files: dict[str, str], heldout_file: str, scorer: RewardScorer, root: str, log) -> dict:
-    """Score every sample, choose per prompt, write sft.jsonl, pairs.jsonl and stats.json."""
+def choose_and_write(cfg, files: dict[str, str], heldout_file: str, scorer: RewardScorer, root: str, log,
+                     prompts_report: dict | None = None) -> dict:
+    """Score every sample, choose per prompt, write sft.jsonl, pairs.jsonl and stats.json
+    (with `prompts_report`, what reading the prompts dropped)."""
     by_prompt: dict[str, tuple[list[dict], list[Sample]]] = {}
     for label, path in files.items():
         for row in _read_samples(path):
@@ -329,7 +331,7 @@ def choose_and_write(cfg, files: dict[str, str], heldout_file: str, scorer: Rewa
         "samples_per_kept": drawn / n_kept if n_kept else None,
         "reward_all": distribution(all_scores), "reward_kept": distribution(kept_scores),
         "reward_gain": (float(np.mean(kept_scores)) - float(np.mean(same_prompt_scores))) if kept_scores else None,
-        "reward_models": scorer.dirs,
+        "reward_models": scorer.dirs, "prompts": prompts_report or {},
     }
     if heldout_file:
         stats["heldout_reward"] = heldout_reward(heldout_file, scorer)

@@ -22,6 +22,9 @@ unbiased estimate of the per-token entropy), train/md_kl, train/length,
 train/truncated. Held out: val/rloo/reward, the mean reward of the policy's samples on
 held-out prompts (the same seeds every time).
 
+The reference is a frozen copy of the starting weights on every rank (not sharded), and
+each rank samples its own prompts with the policy gathered for the call (`gathered`).
+
 Resume: a checkpoint falls between rollouts (checkpoint_every is a multiple of
 inner_steps), and a rollout's randomness is keyed by its number, so a resumed stage
 draws the rollouts the uninterrupted one would have.
