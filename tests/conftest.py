@@ -23,7 +23,7 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 def spark():
     from kiln.curation.spark import get_spark
 
-    session = get_spark("kiln-tests", "local[2]")
+    session = get_spark("kiln-tests", "local[2,4]")  # task retries on, as kiln's own local runs
     yield session
     session.stop()
 

@@ -302,6 +302,9 @@ class QualityStage(Stage):
             kept & (F.col(schema.QUALITY_SCORE) < F.lit(self.threshold)), F.lit("quality_not_top_fraction"))
             .otherwise(F.col(schema.DROP_REASON)))
 
+    def fusable(self) -> bool:
+        return self.cfg.keep_top_fraction is None  # a cut at a corpus quantile needs the whole corpus scored
+
     def finish(self, stats) -> None:
         if self.threshold is not None:
             stats.extra["quality_threshold"] = self.threshold
@@ -445,5 +448,9 @@ class DomainStage(Stage):
     def metrics(self) -> dict:
         # Documents per domain among the kept ones: the mixer's first look at the corpus.
         kept = F.col(schema.DROP_REASON).isNull()
-        return {f"docs_{d}": F.sum(F.when(kept & (F.col(schema.DOMAIN) == d), 1).otherwise(0))
+        return {f"docs_{d}": F.coalesce(F.sum(F.when(kept & (F.col(schema.DOMAIN) == d), 1).otherwise(0)), F.lit(0))
                 for d in self.cfg.domains}
+
+    def batch_metrics(self, out) -> dict:
+        reasons, domains = out.column(schema.DROP_REASON).to_pylist(), out.column(schema.DOMAIN).to_pylist()
+        return {f"docs_{d}": sum(1 for r, x in zip(reasons, domains) if r is None and x == d) for d in self.cfg.domains}

@@ -67,6 +67,10 @@ def add_parser(sub) -> None:
                    help="stop after this stage (e.g. dedup_lines, to train a tokenizer on its output; a later "
                         "full run reuses the finished stages)")
     p.add_argument("--write-dropped", action="store_true", help="override [pipeline] write_dropped")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="one Spark pass per stage (default: consecutive per-document stages share one pass)")
+    p.add_argument("--keep-intermediate", action="store_true",
+                   help="write every stage's docs/ (implies --no-fuse)")
     _overwrite_option(p)
     _set_option(p)
     p.add_argument("--master", help="Spark master for a local run (default local[*,4]: every core, 4 tries "
@@ -168,6 +172,10 @@ def recipe_for(args):
         pipeline["overwrite"] = True
     if args.stage == "pipeline":
         pipeline["resume"] = not args.force
+        if args.no_fuse:
+            pipeline["fuse"] = False
+        if args.keep_intermediate:
+            pipeline["keep_intermediate"] = True
     else:
         pipeline["stages"], pipeline["resume"] = [args.stage.replace("-", "_")], False
     recipe = parse_recipe({**data, "pipeline": pipeline}, where=recipe_file or "options")

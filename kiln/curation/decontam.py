@@ -240,6 +240,10 @@ class DecontamStage(Stage):
                     F.sum(F.array_contains(F.col(schema.CONTAMINATED_BY), s.name).cast("int")), F.lit(0))
                 for s in self.sets}
 
+    def batch_metrics(self, out) -> dict:
+        matched = out.column(schema.CONTAMINATED_BY).to_pylist()
+        return {self.metric_name(s.name): sum(1 for m in matched if m and s.name in m) for s in self.sets}
+
     def finish(self, stats: StageStats) -> None:
         self.build_index()  # no-op after prepare; fills the per-set counts otherwise
         counted = stats.extra.get("metrics", {})

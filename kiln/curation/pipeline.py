@@ -15,6 +15,11 @@ Each stage writes `OUT/NN_<stage>/{docs,dropped,stats.json}`; the run ends with 
 funnel printed and saved as `OUT/funnel.json`. A relaunch reuses every stage whose
 stats.json records the same input and settings (a fingerprint chained through the
 stages) and recomputes from the first one that differs.
+
+Consecutive per-document stages are fused (kiln.curation.fused): one read and one
+write for the group, every stage still with its own stats.json and dropped/, only the
+group's last stage with docs/. `fuse = false` or `keep_intermediate = true` runs one
+pass per stage; `--until STAGE` ends the run (and its group) at STAGE, which writes docs/.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.config import ConfigError, from_dict, load_toml
-from kiln.curation import paths
+from kiln.curation import fused, paths
 from kiln.curation.readers import ReadConfig, read_raw
 from kiln.curation.registry import STAGES
 from kiln.curation.stage import Stage, check_output, completed_stage, run_stage
@@ -45,6 +50,9 @@ class PipelineConfig:
     write_dropped: bool = False  # also write dropped documents, with their reason, to NN_stage/dropped/
     resume: bool = True  # reuse finished stages whose input and settings match
     overwrite: bool = False  # write into output directories that hold something else (their kiln outputs are replaced)
+    fuse: bool = True  # run consecutive per-document stages in one Spark pass (kiln.curation.fused); false = one pass per stage
+    fuse_groups: list[list[str]] = field(default_factory=list)  # explicit groups to fuse (else every run of fusable stages)
+    keep_intermediate: bool = False  # write every stage's docs/ (no fusing): for inspecting intermediate tables
 
 
 @dataclass
@@ -103,6 +111,7 @@ class Plan:
     stages: list[Stage]
     out_dirs: list[str]
     files: list[str]
+    groups: list[list[int]] = field(default_factory=list)  # stage indices that share one pass
 
 
 def plan(recipe: CurationRecipe, stage_dirs: bool = True) -> Plan:
@@ -128,7 +137,40 @@ def plan(recipe: CurationRecipe, stage_dirs: bool = True) -> Plan:
     if "tokenize" in names and not configs["tokenize"].shards_dir:
         configs["tokenize"] = dataclasses.replace(
             configs["tokenize"], shards_dir=paths.join(out_dirs[names.index("tokenize")], "shards"))
-    return Plan(stages=[build_stage(name, configs[name]) for name in names], out_dirs=out_dirs, files=files)
+    stages = [build_stage(name, configs[name]) for name in names]
+    if not (stage_dirs and cfg.fuse and not cfg.keep_intermediate):
+        grouping = [[i] for i in range(len(stages))]
+    elif cfg.fuse_groups:
+        grouping = fused.explicit_groups(stages, cfg.fuse_groups, "[pipeline]")
+    else:
+        grouping = fused.groups(stages)
+    return Plan(stages=stages, out_dirs=out_dirs, files=files, groups=grouping)
+
+
+def _reusable(spark, stages: list[Stage], dirs: list[str], fingerprints: list[str], log) -> list | None:
+    """The results of a group finished earlier with these settings: every stage's
+    stats.json matches and the last stage's docs/ is there (a group is reused whole)."""
+    results = []
+    for k, (stage, out_dir, fp) in enumerate(zip(stages, dirs, fingerprints)):
+        last = k == len(stages) - 1
+        done = completed_stage(spark, out_dir, fp) if last else _stats_match(out_dir, fp)
+        if done is not None and not stage.outputs_intact():
+            log(f"[{stage.name}] finished output in {out_dir} has lost its side outputs: recomputing")
+            done = None
+        if done is None:
+            return None
+        results.append(done)
+    return results
+
+
+def _stats_match(out_dir: str, fingerprint: str):
+    from kiln.curation.stage import STATS_FILE, StageResult
+
+    path = paths.join(out_dir, STATS_FILE)
+    if not paths.exists(path):
+        return None
+    stats = StageStats.from_json(paths.read_text(path))
+    return StageResult(kept=None, stats=stats) if stats.extra.get("fingerprint") == fingerprint else None
 
 
 def run(spark, recipe: CurationRecipe, stage_dirs: bool = True, log=None, planned: Plan | None = None
@@ -138,31 +180,39 @@ def run(spark, recipe: CurationRecipe, stage_dirs: bool = True, log=None, planne
     cfg = recipe.pipeline
     planned = planned or plan(recipe, stage_dirs)
     fingerprint = _fingerprint(*planned.files, json.dumps(recipe.read.__dict__, sort_keys=True))
+    fingerprints = []
+    for stage in planned.stages:
+        fingerprint = _fingerprint(fingerprint, stage.fingerprint())
+        fingerprints.append(fingerprint)
     all_stats: list[StageStats] = []
     df = None
-    previous = None
+    previous: list = []
     reusing = cfg.resume
-    for i, (stage, out_dir) in enumerate(zip(planned.stages, planned.out_dirs)):
-        fingerprint = _fingerprint(fingerprint, stage.fingerprint())
-        done = completed_stage(spark, out_dir, fingerprint) if reusing else None
-        if done is not None and not stage.outputs_intact():
-            log(f"[{stage.name}] finished output in {out_dir} has lost its side outputs: recomputing")
-            done = None
+    for group in planned.groups or [[i] for i in range(len(planned.stages))]:
+        stages = [planned.stages[i] for i in group]
+        dirs = [planned.out_dirs[i] for i in group]
+        fps = [fingerprints[i] for i in group]
+        done = _reusable(spark, stages, dirs, fps, log) if reusing else None
         if done is not None:
-            log(f"[{stage.name}] reusing finished output in {out_dir}")
-            result = done
+            for stage, out_dir in zip(stages, dirs):
+                log(f"[{stage.name}] reusing finished output in {out_dir}")
+            results = done
         else:
             reusing = False  # everything after a recomputed stage is recomputed too
             if df is None:
-                df = read_raw(spark, cfg.input, recipe.read) if stage.reads_raw and i == 0 else read_documents(spark, cfg.input)
-            result = run_stage(spark, stage, df, out_dir, cfg.write_dropped, fingerprint, log, cfg.overwrite)
-        all_stats.append(result.stats)
-        if previous is not None:
-            previous.unpersist()
-        previous = result
-        df = result.kept
-    if previous is not None:
-        previous.unpersist()
+                df = read_raw(spark, cfg.input, recipe.read) if stages[0].reads_raw and group[0] == 0 \
+                    else read_documents(spark, cfg.input)
+            if len(stages) == 1:
+                results = [run_stage(spark, stages[0], df, dirs[0], cfg.write_dropped, fps[0], log, cfg.overwrite)]
+            else:
+                results = fused.run_group(spark, stages, df, dirs, cfg.write_dropped, fps, log, cfg.overwrite)
+        all_stats += [r.stats for r in results]
+        for r in previous:
+            r.unpersist()
+        previous = results
+        df = results[-1].kept
+    for r in previous:
+        r.unpersist()
     funnel = format_funnel(all_stats)
     print(funnel, flush=True)
     if stage_dirs:

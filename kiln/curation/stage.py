@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -60,6 +62,26 @@ class Stage:
         """Extra totals for stats.json: name -> aggregate Column over the stage's output
         (for example the lines a line-level stage removed)."""
         return {}
+
+    def batch_metrics(self, out: pa.RecordBatch) -> dict | None:
+        """`metrics` computed on one output batch in Python (summed over batches): what
+        a fused run records, where the stage's output is never a DataFrame of its own.
+        None = no such twin, and a stage with metrics but no twin is not fused."""
+        return None
+
+    def fusable(self) -> bool:
+        """Whether the stage transforms documents one at a time and can share a Spark
+        pass with its neighbours (kiln.curation.fused): `process` per partition, no
+        internal columns, metrics (if any) with a Python twin. Corpus-wide stages
+        (dedup, tokenize, a quality cut at a corpus quantile) are fusion boundaries."""
+        own = type(self)  # asked of the class: metrics() builds Spark Columns, and plans are made before Spark starts
+        return (own.transform is Stage.transform and own.internal_columns is Stage.internal_columns
+                and (own.metrics is Stage.metrics or own.batch_metrics is not Stage.batch_metrics))
+
+    def needs_corpus_pass(self) -> bool:
+        """Whether `prepare` reads the stage's whole input (the token-KL reference): such
+        a stage may start a fused group, whose input is a written table, but not join one."""
+        return False
 
     def internal_columns(self) -> list[str]:
         """Output columns that feed `metrics` and are not written."""
@@ -119,10 +141,39 @@ def apply_stage(stage: Stage, df) -> DataFrame:
     """`df` is a DataFrame, or a reader's RawSource, which fuses reading into the stage."""
     from pyspark.sql.pandas.types import to_arrow_schema
 
+    fn = with_fault(stage.name, stage.process_partition)
     if isinstance(df, DataFrame):
         out_schema = output_schema(stage, to_arrow_schema(df.schema, timezone="UTC"))
-        return df.mapInArrow(stage.process_partition, spark_type(out_schema))
-    return df.map_in_arrow(stage.process_partition, spark_type(output_schema(stage, df.arrow_schema)))
+        return df.mapInArrow(fn, spark_type(out_schema))
+    return df.map_in_arrow(fn, spark_type(output_schema(stage, df.arrow_schema)))
+
+
+FAULT_ENV = "KILN_FAULT_KILL"
+
+
+def with_fault(names, fn):
+    """`fn` (a partition function), or, when KILN_FAULT_KILL=STAGE:PARTITION names one of
+    `names` (a stage name or a fused group's names), `fn` that kills its own Python
+    worker with SIGKILL after the first output batch of that partition's first attempt:
+    a crashed worker mid-task, for tests of Spark's task retries. Read on the driver
+    when the job is built, so it reaches executors on a cluster too."""
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, partition = spec.partition(":")
+    if not spec or name not in ([names] if isinstance(names, str) else names):
+        return fn
+    target = int(partition or 0)
+
+    def killing(batches):
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        doomed = ctx is not None and ctx.partitionId() == target and ctx.attemptNumber() == 0
+        for i, out in enumerate(fn(batches)):
+            yield out
+            if doomed and i == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return killing
 
 
 def columns(batch: pa.RecordBatch, names: list[str]) -> dict[str, list]:
@@ -306,8 +357,8 @@ def _write_outputs(spark: SparkSession, stage: Stage, result: DataFrame, out_dir
 def completed_stage(spark: SparkSession, out_dir: str, fingerprint: str) -> StageResult | None:
     """A finished earlier run of this stage on the same input and settings, if there is one."""
     stats_path = paths.join(out_dir, STATS_FILE)
-    if not paths.exists(stats_path):
-        return None
+    if not paths.exists(stats_path) or not paths.exists(paths.join(out_dir, DOCS_DIR)):
+        return None  # no docs/: an intermediate stage of a fused group, which is reused only whole
     stats = StageStats.from_json(paths.read_text(stats_path))
     if stats.extra.get("fingerprint") != fingerprint:
         return None

@@ -187,6 +187,9 @@ class FilterStage(Stage):
     def output_fields(self) -> list[pa.Field]:
         return [pa.field(schema.TEXT, pa.string())]
 
+    def needs_corpus_pass(self) -> bool:
+        return any(s.key == "token_kl" for s in self.specs)  # prepare builds the reference from its input
+
     def prepare(self, spark, df) -> None:
         kl = next((s for s in self.specs if s.key == "token_kl"), None)
         if kl is not None:

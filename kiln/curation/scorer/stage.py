@@ -71,6 +71,9 @@ class ScorerStage(Stage):
         # Null scores: empty documents, and documents in languages the scorer does not judge.
         return {"unscored_documents": F.count(F.when(F.col(self.cfg.column).isNull(), F.lit(1)))}
 
+    def batch_metrics(self, out) -> dict:
+        return {"unscored_documents": out.column(self.cfg.column).null_count}
+
     def process_partition(self, batches):
         import torch
 
