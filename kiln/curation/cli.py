@@ -236,11 +236,13 @@ def run(args) -> int:
     if args.stage.startswith("train-"):
         return train_model(args)
     from kiln.curation import pipeline
+    from kiln.curation.cluster import check_executors
     from kiln.curation.spark import get_spark
 
     recipe = recipe_for(args)
     stage_dirs = args.stage == "pipeline"
     planned = pipeline.plan(recipe, stage_dirs)  # inputs, outputs and models checked before Spark starts
     spark = get_spark(f"kiln-{args.stage}", args.master)
+    check_executors(spark)  # a cluster's executors import kiln, or a ConfigError says how to ship it
     pipeline.run(spark, recipe, stage_dirs, planned=planned)
     return 0

@@ -8,6 +8,11 @@ ends with one `truncated_record` row; a file in which no WARC record is found is
 `not_warc` row; non-HTML responses are `not_html`. A JSONL or Parquet value that is
 not a string (a number, a list, an object) is dropped as `bad_html_type` or
 `bad_text_type`, never turned into a document by `str()`.
+
+WARC records are parsed by warcio or by fastwarc (`[read] warc_reader`). warcio's
+handling of damage is the reference: fastwarc reads a gzipped WARC, record by record,
+only as far as it can prove that warcio would have read the same records the same way,
+and warcio takes over from the first record it cannot vouch for (see `_read_fastwarc`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ WARC_MAGIC = b"WARC/1."
 INFLATE_CHUNK = 1 << 13
 UTF8_BOM = b"\xef\xbb\xbf"
 FORMATS = ("auto", "warc", "jsonl", "parquet")
+WARC_READERS = ("auto", "fastwarc", "warcio")
 
 
 @dataclass
@@ -48,10 +54,15 @@ class ReadConfig:
     id_column: str = ""  # JSONL/Parquet column with a stable id; hashed from url+date+content when empty
     max_html_bytes: int = 2_000_000  # larger pages are dropped as html_too_large without being held in memory
     partitions: int = 0  # partitions after reading; 0 = 2 x default parallelism when files are fewer
+    # WARC parser: auto (fastwarc where installed: measured faster, benchmarks/extraction_engines.py) | fastwarc |
+    # warcio. The same rows either way, damage counted as warcio counts it; plain and whole-file-gzipped WARCs: warcio.
+    warc_reader: str = "auto"
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ConfigError(f"read.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.warc_reader not in WARC_READERS:
+            raise ConfigError(f"read.warc_reader must be one of {', '.join(WARC_READERS)}, got {self.warc_reader!r}")
         if self.max_html_bytes <= 0:
             raise ConfigError(f"read.max_html_bytes must be greater than 0, got {self.max_html_bytes}")
         if self.partitions < 0:
@@ -112,10 +123,9 @@ class _Rows:
 
 # --------------------------------------------------------------------------- WARC
 
-def _content_type(record) -> tuple[str, str | None]:
-    headers = record.http_headers if record.rec_type == "response" else record.rec_headers
-    value = (headers.get_header("Content-Type") if headers else None) or ""
-    mime, _, params = value.partition(";")
+def _content_type(value: str | None) -> tuple[str, str | None]:
+    """(mime type, charset) of a Content-Type header's value."""
+    mime, _, params = (value or "").partition(";")
     charset = None
     for param in params.split(";"):
         key, _, val = param.strip().partition("=")
@@ -306,63 +316,224 @@ def read_warc(path: str, cfg: ReadConfig) -> Iterator[pa.RecordBatch]:
     could not be read. A file that does not start like a WARC is read all the same (its
     first bytes may be what is damaged) and becomes one `not_warc` row if no record
     turns up."""
-    from warcio.archiveiterator import WARCIterator
-
     rows = _Rows()
     records = 0  # complete WARC records read
     with paths.open_binary(path) as f:
         starts_as_warc, gz = _sniff(f, path)
-        magic = GZIP_MAGIC if gz else WARC_MAGIC
-        size = f.seek(0, 2)
-        offset = 0
+        offset = 0  # where warcio takes over; None once the whole file is read
         if gz and starts_as_warc and _one_member(f):
             # A whole WARC gzipped at once (`gzip crawl.warc`): one gzip member holds every
             # record. warcio refuses to seek in such a file, so it is read as one stream;
             # damage inside it ends the file with one truncated_record.
             records = yield from _read_one_member(f, path, cfg, rows)
             offset = None
-        while offset is not None:
-            f.seek(offset)
-            # WARC only: warcio's ArchiveIterator reads any line of five words as an ARC
-            # header, and a text file would come out as invented documents.
-            it = WARCIterator(f, check_digests=False)
-            record_offset = offset  # start of the record being read
-            last_start = offset  # start of the last record read: in a gzipped WARC, its member's
-            try:
-                for record in it:
-                    row = _warc_record(record, path, record_offset, cfg)
-                    # Asked only after the payload is read: warcio skips to the record's end.
-                    end = it.get_record_offset() + it.get_record_length()
-                    if _cut_short(record):
-                        raise EOFError("record cut short")
-                    # When one gzip member holds several records (a whole WARC gzipped at
-                    # once) warcio's offsets mix compressed and decompressed bytes.
-                    if not record_offset < end <= size:
-                        raise ValueError(f"record end {end} outside the file")
-                    records += 1
-                    if row is not None:
-                        rows.add(**row)
-                    last_start, record_offset = record_offset, end
-                    if len(rows) >= BATCH_ROWS:
-                        yield from rows.flush()
-                # warcio ends quietly on a gzip member cut short, even one that lost only its
-                # trailer: the file is cut, whatever the record kept.
-                if _skip_blank_lines(f, record_offset) == size and not (gz and not _member_complete(f, last_start)):
-                    break
-                error = "unparsed tail"
-            except Exception as e:  # noqa: BLE001 - any decoding failure is a counted drop
-                error = type(e).__name__
-            # Searched from past the failed record's own start, which may follow blank lines.
-            resume = _next_member(f, _skip_blank_lines(f, record_offset) + 1, magic)
-            reason = "bad_record" if resume is not None else "truncated_record"
-            rows.add(id=doc_id(f"{path}#{record_offset}", None, error.encode()), source=path, drop_reason=reason)
-            offset = resume
+        elif gz and starts_as_warc and _fastwarc_wanted(cfg.warc_reader):
+            offset, records = yield from _read_fastwarc(f, path, cfg, rows)
+        if offset is not None:
+            records = yield from _read_warcio(f, path, cfg, rows, offset, records, gz)
     if not starts_as_warc and not records:
         # Nothing in the file was a WARC record: one row naming the file, not one per
         # place that looked like a record start. (No batch was flushed: none was full.)
         rows = _Rows()
         rows.add(id=doc_id(f"{path}#0", None, b"not_warc"), source=path, drop_reason="not_warc")
     yield from rows.flush()
+
+
+def _read_warcio(f, path: str, cfg: ReadConfig, rows: _Rows, offset: int, records: int, gz: bool):
+    """warcio from `offset` (a record start) to the end of the file, resuming past damage;
+    yields full batches and returns the number of complete records, `records` included."""
+    from warcio.archiveiterator import WARCIterator
+
+    magic = GZIP_MAGIC if gz else WARC_MAGIC
+    size = f.seek(0, 2)
+    while offset is not None:
+        f.seek(offset)
+        # WARC only: warcio's ArchiveIterator reads any line of five words as an ARC
+        # header, and a text file would come out as invented documents.
+        it = WARCIterator(f, check_digests=False)
+        record_offset = offset  # start of the record being read
+        last_start = offset  # start of the last record read: in a gzipped WARC, its member's
+        try:
+            for record in it:
+                row = _warc_record(record, path, record_offset, cfg)
+                # Asked only after the payload is read: warcio skips to the record's end.
+                end = it.get_record_offset() + it.get_record_length()
+                if _cut_short(record):
+                    raise EOFError("record cut short")
+                # When one gzip member holds several records (a whole WARC gzipped at
+                # once) warcio's offsets mix compressed and decompressed bytes.
+                if not record_offset < end <= size:
+                    raise ValueError(f"record end {end} outside the file")
+                records += 1
+                if row is not None:
+                    rows.add(**row)
+                last_start, record_offset = record_offset, end
+                if len(rows) >= BATCH_ROWS:
+                    yield from rows.flush()
+            # warcio ends quietly on a gzip member cut short, even one that lost only its
+            # trailer: the file is cut, whatever the record kept.
+            if _skip_blank_lines(f, record_offset) == size and not (gz and not _member_complete(f, last_start)):
+                break
+            error = "unparsed tail"
+        except Exception as e:  # noqa: BLE001 - any decoding failure is a counted drop
+            error = type(e).__name__
+        # Searched from past the failed record's own start, which may follow blank lines.
+        resume = _next_member(f, _skip_blank_lines(f, record_offset) + 1, magic)
+        reason = "bad_record" if resume is not None else "truncated_record"
+        rows.add(id=doc_id(f"{path}#{record_offset}", None, error.encode()), source=path, drop_reason=reason)
+        offset = resume
+    return records
+
+
+# warcio's accepted WARC versions and request methods: a record fastwarc reads must be one
+# warcio reads too, and reads the same way.
+WARC_VERSIONS = ("WARC/1.1", "WARC/1.0", "WARC/0.17", "WARC/0.18")
+HTTP_VERBS = ("GET", "HEAD", "POST", "PUT", "DELETE", "TRACE", "OPTIONS", "CONNECT", "PATCH")
+HTTP_STATUS_PREFIXES = ("HTTP/1.0 ", "HTTP/1.1 ")
+# The record types fastwarc reads itself; warcio reads the rest (resource, revisit, ...).
+FASTWARC_TYPES = ("response", "request", "metadata", "warcinfo")
+# WARC headers a row is made of: no whitespace inside them, so no continuation line
+# (which warcio and fastwarc join differently) and no URI that warcio would rewrite.
+ROW_HEADERS = ("WARC-Type", "WARC-Target-URI", "WARC-Date", "WARC-Record-ID", "Content-Length")
+UNSURE = object()  # a record fastwarc cannot vouch for: warcio reads it
+
+
+def _fastwarc_wanted(choice: str) -> bool:
+    """auto: fastwarc where it is installed (a dependency; an environment without it
+    still reads, with warcio)."""
+    if choice == "auto":
+        import importlib.util
+
+        return importlib.util.find_spec("fastwarc") is not None
+    return choice == "fastwarc"
+
+
+def _read_fastwarc(f, path: str, cfg: ReadConfig, rows: _Rows):
+    """The records of a gzipped WARC (a member per record) read by fastwarc, as far as
+    they are provably what warcio would read; yields full batches and returns (the
+    offset where warcio takes over, the number of complete records read).
+
+    A record is committed only once fastwarc has started the next gzip member, which
+    means the record's member inflated to its end and its CRC matched, and only if its
+    block was read to exactly its Content-Length and the gzip trailer just before the
+    next member gives the size of exactly this record, written plainly: no blank member
+    in between (which fastwarc skips and warcio counts), no header line fastwarc read
+    otherwise than warcio. A record whose headers warcio might read differently (other
+    than plain ASCII `Name: value` lines, a type, URI or status line warcio treats
+    specially, an encoded payload) is read by warcio alone, in place. Anything else (a
+    fastwarc error, a record cut short, two records in one member, the last record of the
+    file) hands the rest of the file to warcio at that record's start: damage is then
+    found, counted and skipped exactly as warcio does."""
+    from fastwarc.warc import ArchiveIterator
+
+    f.seek(0)
+    records = 0
+    handover = 0  # start of the record read last, not yet committed
+    pending = None  # (row or None, its end if warcio read it, its member's size if fastwarc did)
+    with paths.open_binary(path) as probe:  # a second handle: fastwarc reads on from f
+        try:
+            for record in ArchiveIterator(f, parse_http=True):
+                start = record.stream_pos
+                if pending is not None:
+                    row, end, size = pending
+                    if start <= handover or (end is not None and end != start) or (
+                            size is not None and _member_size_before(probe, start) != size % (1 << 32)):
+                        break
+                    records += 1
+                    if row is not None:
+                        rows.add(**row)
+                    if len(rows) >= BATCH_ROWS:
+                        yield from rows.flush()
+                handover, pending = start, None  # should reading it raise, warcio starts here
+                pending = _fastwarc_record(record, path, start, cfg)
+                if pending is UNSURE:
+                    pending = (*_warcio_record_at(probe, start, path, cfg), None)
+        except Exception:  # noqa: BLE001 - warcio rereads this record and finds what is wrong
+            pass
+    return handover, records
+
+
+def _member_size_before(f, offset: int) -> int:
+    """ISIZE of the gzip member that ends at `offset`: its trailer's last 4 bytes, the
+    inflated size modulo 2**32."""
+    f.seek(offset - 4)
+    return int.from_bytes(f.read(4), "little")
+
+
+def _plain_length(headers) -> int | None:
+    """The bytes of `headers` written as `Name: value\r\n` lines, or None unless every
+    parser reads them alike: ASCII, no line break left in a value, no whitespace-only
+    line read as a nameless header. (Whole-string tests: this runs for every record.)"""
+    names, values = headers.keys(), "".join(headers.values())
+    joined = "\x00".join(names)
+    if (all(names) and joined.isascii() and values.isascii() and " " not in joined and "\t" not in joined
+            and "\r" not in values and "\n" not in values):
+        return len(joined) - len(names) + 1 + len(values) + 4 * len(names) if names else 0
+    return None
+
+
+def _fastwarc_record(record, path: str, offset: int, cfg: ReadConfig):
+    """(the raw-table row, None for records that are not documents; None; the size the
+    record's gzip member must inflate to) for a fastwarc record, or UNSURE where warcio
+    might read the record otherwise."""
+    h = record.headers
+    header_bytes = _plain_length(h)
+    if h.status_line not in WARC_VERSIONS or header_bytes is None:
+        return UNSURE
+    rec_type, url, date, record_id, length = (h.get(k) for k in ROW_HEADERS)
+    length = length or ""
+    if (rec_type not in FASTWARC_TYPES or str(record.record_type) != rec_type or not length.isdigit()
+            or any(v and (" " in v or "\t" in v) for v in (url, date, record_id))):
+        return UNSURE
+    # warcio parses HTTP headers of response and request records with a body and an http(s) URI.
+    http = rec_type in ("response", "request") and int(length) > 0
+    if http and (url is None or url.startswith("<")):
+        return UNSURE
+    http = http and url.startswith(("http:", "https:"))
+    if http != record.is_http:
+        return UNSURE
+    content_type, status = None, "200"
+    if http:
+        hh = record.http_headers
+        line = hh.status_line or ""
+        raw_length = int(length) - record.content_length  # what fastwarc took as HTTP headers
+        http_bytes = _plain_length(hh)
+        if (http_bytes is None or not line.isascii() or "\r" in line or "\n" in line
+                or raw_length != len(line) + 2 + http_bytes + 2):
+            return UNSURE  # not exactly "status\r\n" + "Name: value\r\n"... + "\r\n"
+        if rec_type == "request":
+            if line.split(" ", 1)[0] not in HTTP_VERBS:
+                return UNSURE
+        elif (not line.startswith(HTTP_STATUS_PREFIXES) or "Content-Encoding" in hh
+              or "Transfer-Encoding" in hh):
+            return UNSURE  # warcio decodes an encoded payload
+        else:
+            content_type = hh.get("Content-Type")
+            status = line[len("HTTP/1.1"):].strip().split(" ", 1)[0]
+    body = _read_capped(record.reader, cfg.max_html_bytes + 1) if rec_type == "response" else b""
+    if len(body) + record.reader.consume() != record.content_length:
+        return UNSURE  # cut short
+    # What the record's gzip member inflates to when its headers are written plainly,
+    # and the block is followed by the two CRLFs that end a record.
+    size = len(h.status_line) + 2 + header_bytes + 2 + int(length) + 4
+    if rec_type != "response":
+        return None, None, size
+    return _document_row(path, offset, url, date, record_id, content_type, status, body, cfg), None, size
+
+
+def _warcio_record_at(f, offset: int, path: str, cfg: ReadConfig) -> tuple[dict | None, int]:
+    """(row, end offset) of the one record at `offset`, read by warcio, which raises on
+    damage."""
+    from warcio.archiveiterator import WARCIterator
+
+    f.seek(offset)
+    it = WARCIterator(f, check_digests=False)
+    record = next(it)
+    row = _warc_record(record, path, offset, cfg)
+    end = it.get_record_offset() + it.get_record_length()
+    if _cut_short(record):
+        raise EOFError("record cut short")
+    return row, end
 
 
 def _read_capped(stream, limit: int) -> bytes:
@@ -378,17 +549,25 @@ def _read_capped(stream, limit: int) -> bytes:
 
 
 def _warc_record(record, path: str, offset: int, cfg: ReadConfig) -> dict | None:
-    """The raw-table row for a record, or None for records that are not documents."""
+    """The raw-table row for a warcio record, or None for records that are not documents."""
     if record.rec_type not in ("response", "resource"):
         return None  # request / metadata / warcinfo / revisit records are not documents
-    url = record.rec_headers.get_header("WARC-Target-URI")
-    date = parse_date(record.rec_headers.get_header("WARC-Date"))
-    record_id = record.rec_headers.get_header("WARC-Record-ID") or f"{path}#{offset}"
-    mime, charset = _content_type(record)
+    headers = record.http_headers if record.rec_type == "response" else record.rec_headers
     body = _read_capped(record.content_stream(), cfg.max_html_bytes + 1)
-    row = dict(id=doc_id(url, date, record_id.encode()), url=url, source=path, crawl_date=date,
-               charset=charset, in_bytes=len(body))
     status = record.http_headers.get_statuscode() if record.http_headers else "200"
+    h = record.rec_headers
+    return _document_row(path, offset, h.get_header("WARC-Target-URI"), h.get_header("WARC-Date"),
+                         h.get_header("WARC-Record-ID"), headers.get_header("Content-Type") if headers else None,
+                         status, body, cfg)
+
+
+def _document_row(path: str, offset: int, url: str | None, date: str | None, record_id: str | None,
+                  content_type: str | None, status: str | None, body: bytes, cfg: ReadConfig) -> dict:
+    """A response or resource record's row, whichever parser read it."""
+    date = parse_date(date)
+    mime, charset = _content_type(content_type)
+    row = dict(id=doc_id(url, date, (record_id or f"{path}#{offset}").encode()), url=url, source=path,
+               crawl_date=date, charset=charset, in_bytes=len(body))
     if mime and mime not in HTML_TYPES or (not mime and not _looks_like_html(body)):
         row["drop_reason"] = "not_html"
     elif status and not str(status).startswith("2"):

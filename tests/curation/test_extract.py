@@ -114,24 +114,26 @@ def _member_offsets(path) -> list[int]:
     return offsets
 
 
-def test_corrupt_member_is_skipped_and_reading_resumes(tmp_path):
+@pytest.mark.parametrize("reader", ["warcio", "fastwarc"])
+def test_corrupt_member_is_skipped_and_reading_resumes(tmp_path, reader):
     warc = write_warc(tmp_path / "c.warc.gz", html_records(8))
     data = bytearray(warc.read_bytes())
     offsets = _member_offsets(warc)
     start = offsets[3]
     data[start + 20:start + 60] = bytes(40)  # damage the deflate stream of record 4
     warc.write_bytes(bytes(data))
-    rows = pl.concat([pl.from_arrow(b) for b in read_warc(str(warc), ReadConfig())])
+    rows = pl.concat([pl.from_arrow(b) for b in read_warc(str(warc), ReadConfig(warc_reader=reader))])
     assert rows["drop_reason"].to_list().count("bad_record") == 1
     ok = rows.filter(pl.col("drop_reason").is_null())
     assert sorted(ok["url"].to_list()) == sorted(f"http://docs.example.test/page/{i}" for i in range(8) if i != 3)
 
 
-def test_truncated_warc_keeps_what_came_before(tmp_path):
+@pytest.mark.parametrize("reader", ["warcio", "fastwarc"])
+def test_truncated_warc_keeps_what_came_before(tmp_path, reader):
     warc = write_warc(tmp_path / "t.warc.gz", html_records(8))
     offsets = _member_offsets(warc)
     warc.write_bytes(warc.read_bytes()[: offsets[6] + 100])  # cut inside record 7
-    rows = pl.concat([pl.from_arrow(b) for b in read_warc(str(warc), ReadConfig())])
+    rows = pl.concat([pl.from_arrow(b) for b in read_warc(str(warc), ReadConfig(warc_reader=reader))])
     assert rows["drop_reason"].to_list().count("truncated_record") == 1
     assert rows.filter(pl.col("drop_reason").is_null()).height == 6
 
