@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, machine, versions, write_results  # noqa: E402
+from common import log, machine, rss, versions, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -105,16 +105,6 @@ class PeakMemory:
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
 
-    @staticmethod
-    def _hwm(pid: int) -> int:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
     def _children(self) -> list[int]:
         out = []
         for p in Path("/proc").iterdir():
@@ -129,9 +119,9 @@ class PeakMemory:
 
     def _poll(self) -> None:
         while Path(f"/proc/{self.pid}").exists():
-            self.python = max(self.python, self._hwm(self.pid))
+            self.python = max(self.python, rss(self.pid, "VmHWM"))
             for child in self._children():
-                self.jvm = max(self.jvm, self._hwm(child))
+                self.jvm = max(self.jvm, rss(child, "VmHWM"))
             time.sleep(0.5)
 
 

@@ -260,7 +260,8 @@ def setup(run, cfg, i: int, micro: int, student, teacher_dir: str, root: str, wh
         held = SFTSampler([examples[j] for j in val_idx], cfg.seq_len, 0, tok.pad_id, True) if len(val_idx) else None
         val_batches = [held.batch_of(list(range(s, min(s + micro, held.n)))) for s in range(0, held.n, micro)] \
             if held else []
-        items = len(new_sampler().sequences)
+        sampler = new_sampler()
+        items = len(sampler.sequences)
     else:
         from kiln.training.data import DataConfig, MixtureSampler
         from kiln.training.train import stage_mixture
@@ -276,7 +277,7 @@ def setup(run, cfg, i: int, micro: int, student, teacher_dir: str, root: str, wh
                        for b in run.source.val_batches(d, cfg.seq_len, micro, max_batches=cfg.eval_batches,
                                                        rank=world.rank, world_size=world.size,
                                                        doc_masking=cfg.doc_masking)]
-        items = 0
+        sampler, items = new_sampler(), 0
     if cfg.epochs:
         from kiln.training.post.stages import steps_for
 
@@ -297,4 +298,4 @@ def setup(run, cfg, i: int, micro: int, student, teacher_dir: str, root: str, wh
     def forward(m, b):
         return m(b.input_ids, b.labels, b.position_ids, b.segment_ids, cache.lookup(b) if cache else None)
 
-    return cfg, model, new_sampler(), DistillValidator(val_batches, cache, world), forward
+    return cfg, model, sampler, DistillValidator(val_batches, cache, world), forward

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import numpy as np
 import torch
@@ -143,12 +144,12 @@ class Rollouts:
 
     @torch.no_grad()
     def draw(self, model: PolicyLM, index: list[int], draw: int) -> dict:
-        from kiln.training.post.generate import SamplingConfig, sample
+        from kiln.training.post.generate import sample
+        from kiln.training.post.rejection import sampling_config
 
         prompts = [self.prompts[i] for i in index]
         cfg = self.cfg
-        sampling = SamplingConfig(samples=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  max_new_tokens=cfg.max_new_tokens, seed=self.seed, batch_size=len(index) * cfg.samples)
+        sampling = dataclasses.replace(sampling_config(cfg, self.seed), batch_size=len(index) * cfg.samples)
         model.eval()
         with gathered(model):
             completions = [cs for _p, cs in sample(model.hf, self.tok, prompts, sampling, salt=f"rollout-{draw}")]
@@ -192,13 +193,12 @@ class RewardValidator:
 
     @torch.no_grad()
     def run(self, model, parallel: ParallelConfig) -> dict:
-        from kiln.training.post.generate import SamplingConfig, sample
+        from kiln.training.post.generate import sample
+        from kiln.training.post.rejection import sampling_config
 
         if not self.prompts:
             return {}
-        cfg = self.cfg
-        sampling = SamplingConfig(samples=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  max_new_tokens=cfg.max_new_tokens, seed=self.seed)
+        sampling = sampling_config(self.cfg, self.seed)
         model.eval()
         with gathered(model):
             conversations = [p.messages + [{"role": "assistant", "content": c.text}]
