@@ -170,15 +170,26 @@ def call_outcome(call: Call) -> str:
 
 
 def stage_rows(out: Path) -> pl.DataFrame:
-    """Every row a stage wrote: docs/ (drop_reason null) and dropped/drop_reason=R/."""
+    """Every row a stage wrote: docs/ (drop_reason null) and dropped/drop_reason=R/.
+
+    A stage inside a fused group writes no docs/: what it kept is every row of the
+    pipeline's next stage (that stage's input), read from there."""
     frames = [pl.read_parquet(f, columns=COLUMNS).with_columns(pl.lit(None, pl.String).alias("drop_reason"))
               for f in sorted((out / "docs").glob("*.parquet"))]
+    if not (out / "docs").exists() and (nxt := next_stage_dir(out)) is not None:
+        frames.append(stage_rows(nxt).select(COLUMNS).with_columns(pl.lit(None, pl.String).alias("drop_reason")))
     for d in sorted((out / "dropped").glob("drop_reason=*")):
         reason = unquote(d.name.split("=", 1)[1])
         frames += [pl.read_parquet(f, columns=COLUMNS).with_columns(pl.lit(reason).alias("drop_reason"))
                    for f in sorted(d.glob("*.parquet"))]
     empty = pl.DataFrame(schema={"id": pl.String, "url": pl.String, "source": pl.String, "drop_reason": pl.String})
     return pl.concat([f.cast({c: pl.String for c in COLUMNS}) for f in frames]) if frames else empty
+
+
+def next_stage_dir(out: Path) -> Path | None:
+    """The pipeline stage directory after `out` (NN_name numbering), if there is one."""
+    later = sorted(d for d in out.parent.glob("[0-9][0-9]_*") if d.is_dir() and d.name > out.name)
+    return later[0] if later else None
 
 
 def extract_rows(p: Path, out: Path, *extra: str) -> tuple[pl.DataFrame | None, str]:
