@@ -35,7 +35,7 @@ from kiln.config import ConfigError
 from kiln.formats import schema
 from kiln.curation.langid import load_fasttext
 from kiln.curation.spark import load_once, ship
-from kiln.curation.stage import Stage, apply_stage, in_languages, output_schema, set_columns, text_bytes
+from kiln.curation.stage import Stage, apply_stage, in_languages, is_blank, output_schema, set_columns, text_bytes
 
 QUALITY_POSITIVE, QUALITY_NEGATIVE = "hq", "lq"
 DEFAULT_DOMAINS = ["general", "math", "code", "multilingual"]
@@ -264,7 +264,7 @@ class QualityStage(Stage):
 
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         texts = batch.column(schema.TEXT).to_pylist()
-        empty = [not (t and t.strip()) for t in texts]
+        empty = [is_blank(t) for t in texts]
         # A classifier trained on one language's pages scores every other language low:
         # those documents pass unscored (null) instead of being thrown away.
         scored = in_languages(batch, self.cfg.languages)
@@ -283,7 +283,7 @@ class QualityStage(Stage):
             else:
                 reasons.append(None)
         return set_columns(batch, output_schema(self, batch.schema), {
-            schema.QUALITY_SCORE: scores, schema.DROP_REASON: reasons, schema.IN_BYTES: text_bytes(texts)})
+            schema.QUALITY_SCORE: scores, schema.DROP_REASON: reasons, schema.IN_BYTES: text_bytes(batch.column(schema.TEXT))})
 
     def transform(self, df):
         scored = apply_stage(self, df)
@@ -414,7 +414,7 @@ class DomainStage(Stage):
         n = len(texts)
         domains: list[str | None] = [None] * n
         scores: list[float | None] = [None] * n
-        empty = [not (t and t.strip()) for t in texts]
+        empty = [is_blank(t) for t in texts]
         by_lang = [not empty[i] and bool(cfg.multilingual_domain) and langs[i] is not None
                    and langs[i] not in cfg.languages for i in range(n)]
         for i in range(n):
@@ -442,7 +442,7 @@ class DomainStage(Stage):
             else:
                 reasons.append(None)
         columns[schema.DROP_REASON] = reasons
-        columns[schema.IN_BYTES] = text_bytes(texts)
+        columns[schema.IN_BYTES] = text_bytes(batch.column(schema.TEXT))
         return set_columns(batch, output_schema(self, batch.schema), columns)
 
     def metrics(self) -> dict:

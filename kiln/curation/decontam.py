@@ -227,7 +227,7 @@ class DecontamStage(Stage):
         return set_columns(batch, output_schema(self, batch.schema), {
             schema.CONTAMINATED_BY: matched,
             schema.DROP_REASON: [DROP_REASON if drop and m else None for m in matched],
-            schema.IN_BYTES: text_bytes(texts),
+            schema.IN_BYTES: text_bytes(batch.column(schema.TEXT)),
         })
 
     @staticmethod

@@ -45,6 +45,7 @@ from kiln.formats.stats import StageStats
 
 STAGE_COLUMN = "_kiln_stage"  # the index in the group of the stage that dropped a row (a partition column)
 STATS_DIR = "_fused_stats"
+TIMES = ("seconds", "cpu_seconds", "input_seconds", "input_cpu_seconds")  # a partition's count file's clocks
 DEFAULT = "__HIVE_DEFAULT_PARTITION__"
 
 
@@ -87,7 +88,7 @@ class FusedGroup:
         ctx = TaskContext.get()
         counts = [_Counts() for _ in self.stages]
         pending: list[pa.RecordBatch] = []
-        stream = batches
+        stream = self._timed_input(batches, counts[0])
         for k, stage in enumerate(self.stages):
             stream = self._split(k, stage, stage.process_partition(stream), counts[k], pending)
         for kept in stream:
@@ -99,12 +100,26 @@ class FusedGroup:
         if ctx is not None:
             self._write_counts(ctx.partitionId(), ctx.attemptNumber(), counts)
 
+    @staticmethod
+    def _timed_input(batches, counts):
+        """The partition's input batches; `counts.input` is the time this worker spent
+        receiving them (waiting for the JVM, Arrow deserialisation), which belongs to
+        the group's one read, not to its first stage."""
+        it = iter(batches)
+        while True:
+            start = _clock()
+            batch = next(it, None)
+            counts.input.add(start)
+            if batch is None:
+                return
+            yield batch
+
     def _split(self, k: int, stage: Stage, outputs, counts, pending: list):
         """Stage k's output batches: counted, dropped rows queued (widened to the group's
-        schema), kept rows passed on without drop_reason and in_bytes. `counts.seconds`
-        is the time spent producing them, upstream stages included (the driver takes
+        schema), kept rows passed on without drop_reason and in_bytes. `counts.time` is
+        the time spent producing them, upstream stages included (the driver takes
         differences: each stage's own cost, its share of the plumbing with it)."""
-        clock = time.perf_counter()
+        start = _clock()
         for out in outputs:
             counts.add(stage, out, self.with_metrics[k])
             reasons = out.column(schema.DROP_REASON)
@@ -113,11 +128,11 @@ class FusedGroup:
                 pending.append(self._widen(out.filter(dropped), k))
             kept = out.filter(pc.invert(dropped)).select([f.name for f in self.schemas[k]
                                                           if f.name not in (schema.DROP_REASON, schema.IN_BYTES)])
-            counts.seconds += time.perf_counter() - clock
+            counts.time.add(start)
             if kept.num_rows:
                 yield kept
-            clock = time.perf_counter()
-        counts.seconds += time.perf_counter() - clock
+            start = _clock()
+        counts.time.add(start)
 
     def _widen(self, batch: pa.RecordBatch, k: int | None) -> pa.RecordBatch:
         arrays = []
@@ -137,6 +152,24 @@ class FusedGroup:
         paths.move(tmp, final)
 
 
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+class _Time:
+    """Wall and CPU seconds of this worker process, summed over intervals. CPU time
+    leaves out waiting for a core (workers share cores with each other and the JVM)
+    and, for a sandboxed stage (extraction), the sandbox process's own work."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def add(self, start: tuple[float, float]) -> None:
+        wall, cpu = _clock()
+        self.wall += wall - start[0]
+        self.cpu += cpu - start[1]
+
+
 class _Counts:
     """One stage's totals over the batches of one partition."""
 
@@ -145,7 +178,8 @@ class _Counts:
         self.dropped: Counter = Counter()
         self.metrics: Counter = Counter()
         self.last_dropped = 0
-        self.seconds = 0.0  # producing this stage's output, upstream stages included
+        self.time = _Time()  # producing this stage's output, upstream stages included
+        self.input = _Time()  # the first stage's: receiving the group's input batches
 
     def add(self, stage: Stage, out: pa.RecordBatch, with_metrics: bool) -> None:
         """Vectorised (Arrow compute, as Spark's octet_length and length count): these
@@ -171,7 +205,8 @@ class _Counts:
     def to_dict(self) -> dict:
         return {"rows": self.rows, "kept": self.kept, "bytes_in": self.bytes_in, "bytes_kept": self.bytes_kept,
                 "chars_kept": self.chars_kept, "dropped": dict(self.dropped), "metrics": dict(self.metrics),
-                "seconds": self.seconds}
+                "seconds": self.time.wall, "cpu_seconds": self.time.cpu, "input_seconds": self.input.wall,
+                "input_cpu_seconds": self.input.cpu}
 
 
 def run_group(spark, stages: list[Stage], df, out_dirs: list[str], write_dropped: bool, fingerprints: list[str],
@@ -246,9 +281,16 @@ def run_group(spark, stages: list[Stage], df, out_dirs: list[str], write_dropped
     for k, ((stage, out_dir, stats), fingerprint) in enumerate(zip(results, fingerprints)):
         stage.finish(stats)
         stats.extra["seconds"] = seconds  # the group's wall time
-        # core-seconds in this stage's own processing and plumbing (the first also reads the input)
-        stats.extra["task_seconds"] = round(counts[k]["seconds"] - upstream, 3)
-        upstream = counts[k]["seconds"]
+        # the seconds of this stage's own processing and its plumbing in the workers, wall
+        # (task_seconds) and CPU (task_cpu_seconds); the group's input (receiving the
+        # batches) is the first stage's input_seconds / input_cpu_seconds
+        if k == 0:
+            upstream = {key: counts[0][f"input_{key}"] for key in ("seconds", "cpu_seconds")}
+            for key, value in upstream.items():
+                stats.extra[f"input_{key}"] = round(value, 3)
+        for key, value in upstream.items():
+            stats.extra[f"task_{key}"] = round(counts[k][key] - value, 3)
+        upstream = {key: counts[k][key] for key in ("seconds", "cpu_seconds")}
         stats.extra["fingerprint"] = fingerprint
         stats.extra["settings"] = stage.settings()
         stats.extra["fused"] = names
@@ -267,10 +309,10 @@ def _read_counts(stats_dir: str, partitions: int, names: list[str]) -> list[dict
         raise RuntimeError(f"[fused {', '.join(names)}] {len(files)} of {partitions} partitions recorded their "
                            f"counts in {stats_dir}")
     total = [{"rows": 0, "kept": 0, "bytes_in": 0, "bytes_kept": 0, "chars_kept": 0, "dropped": Counter(),
-              "metrics": Counter(), "seconds": 0.0} for _ in names]
+              "metrics": Counter(), **dict.fromkeys(TIMES, 0.0)} for _ in names]
     for name in files:
         for t, c in zip(total, json.loads(paths.read_text(paths.join(stats_dir, name)))):
-            for key in ("rows", "kept", "bytes_in", "bytes_kept", "chars_kept", "seconds"):
+            for key in ("rows", "kept", "bytes_in", "bytes_kept", "chars_kept", *TIMES):
                 t[key] += c[key]
             t["dropped"].update(c["dropped"])
             t["metrics"].update(c["metrics"])

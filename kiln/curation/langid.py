@@ -97,5 +97,5 @@ class LangIdStage(Stage):
                 reasons.append(None)
         return set_columns(batch, output_schema(self, batch.schema), {
             schema.LANG: langs, schema.LANG_SCORE: scores, schema.DROP_REASON: reasons,
-            schema.IN_BYTES: text_bytes(texts),
+            schema.IN_BYTES: text_bytes(batch.column(schema.TEXT)),
         })

@@ -15,6 +15,8 @@ import sys
 from pyspark.sql import SparkSession
 
 
+ARROW_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
 def launched_by_spark_submit() -> bool:
     # spark-submit starts the JVM first and hands its gateway to the Python driver.
     return "PYSPARK_GATEWAY_PORT" in os.environ
@@ -37,13 +39,15 @@ def get_spark(app_name: str = "kiln", master: str | None = None) -> SparkSession
             .config("spark.ui.enabled", "false")
             .config("spark.sql.shuffle.partitions", str(2 * _local_cores(master)))
         )
-    # HTML rows are large; smaller Arrow batches keep a Python worker's memory flat.
-    builder = builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "512")
     # Spark's default INT96 timestamps are deprecated; micros with UTC read back as
     # timezone-aware crawl dates in pyarrow, polars and pandas.
     builder = builder.config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     builder = builder.config("spark.sql.session.timeZone", "UTC")
     spark = builder.getOrCreate()
+    # HTML rows are large; smaller Arrow batches keep a Python worker's memory flat. A
+    # value given to spark-submit (--conf or spark-defaults.conf) is the user's and stays.
+    if not spark.sparkContext.getConf().contains(ARROW_BATCH):
+        spark.conf.set(ARROW_BATCH, "512")
     spark.sparkContext.setLogLevel(os.environ.get("KILN_SPARK_LOG_LEVEL", "ERROR"))
     return spark
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -131,7 +132,8 @@ def set_columns(batch: pa.RecordBatch, out_schema: pa.Schema, columns: dict[str,
     arrays = []
     for field in out_schema:
         if field.name in columns:
-            arrays.append(pa.array(columns[field.name], type=field.type))
+            value = columns[field.name]
+            arrays.append(value.cast(field.type) if isinstance(value, pa.Array) else pa.array(value, type=field.type))
         else:
             arrays.append(batch.column(field.name))
     return pa.RecordBatch.from_arrays(arrays, schema=out_schema)
@@ -212,8 +214,17 @@ def one_thread_per_core() -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def text_bytes(texts: list[str | None]) -> list[int]:
+def text_bytes(texts: list[str | None] | pa.Array) -> list[int] | pa.Array:
+    """UTF-8 bytes of each text (0 for a null). Given the batch's Arrow column, counted
+    by Arrow without making Python strings (a per-document stage's plumbing)."""
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        return pc.fill_null(pc.binary_length(texts), 0)
     return [len(t.encode("utf-8", "surrogatepass")) if t else 0 for t in texts]
+
+
+def is_blank(text: str | None) -> bool:
+    """No text or only whitespace (`not text.strip()` without copying the text)."""
+    return not text or text.isspace()
 
 
 @dataclass

@@ -57,7 +57,7 @@ def outputs(out: Path) -> dict:
     result = {}
     for d in sorted(p for p in out.iterdir() if p.is_dir()):
         stats = json.loads((d / "stats.json").read_text())
-        for key in ("seconds", "fused", "task_seconds"):
+        for key in ("seconds", "fused", "task_seconds", "input_seconds", "task_cpu_seconds", "input_cpu_seconds"):
             stats["extra"].pop(key, None)
         dropped = read_dropped(d) if stats["dropped"] else None
         result[d.name] = {

@@ -96,5 +96,5 @@ class ScorerStage(Stage):
                 if reasons[i] is None and s is not None and s < self.cfg.min_score:
                     reasons[i] = "model_score_low"
         return set_columns(batch, output_schema(self, batch.schema), {
-            self.cfg.column: scores, schema.DROP_REASON: reasons, schema.IN_BYTES: text_bytes(texts),
+            self.cfg.column: scores, schema.DROP_REASON: reasons, schema.IN_BYTES: text_bytes(batch.column(schema.TEXT)),
         })
