@@ -16,8 +16,11 @@ What the model runs, and where it comes from:
   the teacher's hidden states or a cache of its top-k logits, `teacher_topk_logits`),
   chunked (`kiln.kernels.distill`); Liger's fused linear JSD on CUDA where it computes
   the same thing.
-- RMSNorm, SwiGLU and RoPE: transformers' own modules off CUDA; on CUDA, Liger's,
-  patched into the transformers model by `apply_liger_to_model`.
+- Gemma 2's final-logit soft-capping, cap x tanh(logits / cap) before the softmax: the
+  `softcap` argument of each loss above (`student_softcap` and `teacher_softcap` for
+  distillation), applied chunk by chunk, 0 = off.
+- RMSNorm, SwiGLU (GeGLU for Gemma 2) and RoPE: transformers' own modules off CUDA; on
+  CUDA, Liger's, patched into the transformers model by `apply_liger_to_model`.
 
 `parallelize()` resolves the recipe's `[kernels]` table (`KernelsConfig`) for the
 run's device and does both. `with use_backend("reference" | "liger")` forces the
@@ -54,7 +57,7 @@ def _liger():
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 0,
-                         backend: str | None = None) -> torch.Tensor:
+                         backend: str | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets` without the full logits.
 
     hidden (..., H), weight (V, H) (bias-free lm_head), targets (...) in [0, V) or
@@ -62,7 +65,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     adds them. Logits' log-sum-exp and softmax are in fp32 whatever the input dtype, and
     the loss is fp32. `chunk_size` (tokens per chunk, 0 = automatic) applies to the
     reference path; Liger chooses its own. `backend` "auto", "reference" or "liger";
-    None follows `use_backend` ("auto" outside one).
+    None follows `use_backend` ("auto" outside one). `softcap` > 0 soft-caps the fp32
+    logits before the softmax, softcap x tanh(logits / softcap) (Gemma 2's final-logit
+    soft-capping, 30.0), with its factor 1 - tanh^2 in the gradients; 0 (the default) is off.
 
     Under FSDP2, call it inside the forward of a module `fully_shard` wraps, as
     `CausalLM.forward` does. A fused loss reads `lm_head.weight` itself instead of
@@ -77,11 +82,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     _refuse_sharded("linear_cross_entropy", weight)
     impl = _liger() if resolve_for(backend, hidden, weight, targets) == "liger" else reference
     return impl.linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction,
-                                     chunk_size=chunk_size)
+                                     chunk_size=chunk_size, softcap=softcap)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                    chunk_size: int = 0, backend: str | None = None) -> torch.Tensor:
+                    chunk_size: int = 0, backend: str | None = None, softcap: float = 0.0) -> torch.Tensor:
     """log softmax(`hidden @ weight.T`)[target] of every token, without the full logits.
 
     hidden (..., H), weight (V, H), targets (...) in [0, V) or `ignore_index`. Returns fp32
@@ -89,18 +94,19 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     each row's sequence log-prob. Differentiable in hidden and weight for any upstream
     gradient; backward recomputes each chunk's logits (`reference.ChunkedLinearLogprobs`;
     Liger's fused linear cross-entropy with reduction "none" on CUDA). `chunk_size`,
-    `backend` and the FSDP2 rule as in `linear_cross_entropy`.
+    `backend`, `softcap` and the FSDP2 rule as in `linear_cross_entropy`.
     """
     _refuse_sharded("linear_logprobs", weight)
     impl = _liger() if resolve_for(backend, hidden, weight, targets) == "liger" else reference
-    return impl.linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size)
+    return impl.linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size,
+                                softcap=softcap)
 
 
 def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
                     loss_type: str = "sigmoid", nll_weight: float = 0.0, ignore_index: int = -100,
-                    chunk_size: int = 0, backend: str | None = None, label_smoothing: float = 0.0
-                    ) -> tuple[torch.Tensor, dict]:
+                    chunk_size: int = 0, backend: str | None = None, label_smoothing: float = 0.0,
+                    softcap: float = 0.0) -> tuple[torch.Tensor, dict]:
     """DPO loss of B pairs from the policy's last hidden states, without the full logits.
 
     hidden (2B, T, H), the B chosen rows first, then the B rejected ones in the same order;
@@ -116,7 +122,9 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Sequence log-probs are sums, as in TRL and Liger (average_log_prob=False), for every
     loss type: for TRL's per-token-averaged IPO, call `linear_logprobs` and `dpo_loss`
     directly. On CUDA the token log-probs come from Liger's fused linear cross-entropy
-    (why not Liger's fused DPO loss: `kiln.kernels.liger.linear_logprobs`).
+    (why not Liger's fused DPO loss: `kiln.kernels.liger.linear_logprobs`). `softcap` is the
+    policy's final-logit soft-cap, as in `linear_cross_entropy`; the reference log-probs
+    must come from logits capped alike (`linear_logprobs(..., softcap=...)`).
     """
     # Checked before the costly part, the log-probs, rather than after it in dpo_loss.
     if hidden.dim() != 3 or hidden.shape[0] % 2 or targets.shape != hidden.shape[:2]:
@@ -128,7 +136,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          f"{tuple(ref_chosen_logps.shape)} and {tuple(ref_rejected_logps.shape)}")
     preference.check_dpo_options("linear_dpo_loss", loss_type, label_smoothing)
     token_logps = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, chunk_size=chunk_size,
-                                  backend=backend)  # (2B, T)
+                                  backend=backend, softcap=softcap)  # (2B, T)
     return preference.dpo_loss_on_tokens(token_logps, targets != ignore_index, ref_chosen_logps,
                                          ref_rejected_logps, beta=beta, loss_type=loss_type,
                                          nll_weight=nll_weight, label_smoothing=label_smoothing)
@@ -138,8 +146,8 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
                         teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                         teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None, loss: str = "kl",
                         alpha: float = 0.9, beta: float = 0.5, temperature: float = 1.0, top_k: int = 0,
-                        ignore_index: int = -100, chunk_size: int = 0, backend: str | None = None
-                        ) -> tuple[torch.Tensor, dict]:
+                        ignore_index: int = -100, chunk_size: int = 0, backend: str | None = None,
+                        student_softcap: float = 0.0, teacher_softcap: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Knowledge-distillation loss of a student's hidden states against a teacher, without the full logits.
 
     student_hidden (..., H_s), student_weight (V_s, H_s) its lm_head; targets (...) the
@@ -160,8 +168,15 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
     top-k if any: the held-out measure), "teacher_agreement" (share of tokens whose
     student argmax is the teacher's) and "nll" (of the labels).
 
-    On CUDA, Liger's fused linear JSD computes "kl" and "jsd" without top-k when gradients
-    are wanted; the rest runs the chunked reference (`kiln.kernels.liger.linear_distill_loss`).
+    student_softcap and teacher_softcap soft-cap each model's fp32 logits as `softcap` does
+    in `linear_cross_entropy` (0 = off), before the temperature, top-k and metrics: a Gemma
+    2 student or teacher is distilled on its own distribution. A teacher_topk cache holds
+    logits capped or not as `teacher_topk_logits(softcap=...)` made it, so teacher_softcap
+    goes with teacher_hidden only (an error with a cache).
+
+    On CUDA, Liger's fused linear JSD computes "kl" and "jsd" without top-k or a soft-cap
+    when gradients are wanted (Liger's JSD has no soft-cap option); the rest runs the
+    chunked reference (`kiln.kernels.liger.linear_distill_loss`).
     `chunk_size`, `backend` and the FSDP2 rule as in `linear_cross_entropy`; a sharded
     teacher lm_head is refused the same way.
     """
@@ -173,7 +188,8 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
     return impl.linear_distill_loss(student_hidden, student_weight, targets, teacher_hidden=teacher_hidden,
                                     teacher_weight=teacher_weight, teacher_topk=teacher_topk, loss=loss, alpha=alpha,
                                     beta=beta, temperature=temperature, top_k=top_k, ignore_index=ignore_index,
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, student_softcap=student_softcap,
+                                    teacher_softcap=teacher_softcap)
 
 
 def _refuse_sharded(name: str, weight: torch.Tensor) -> None:
@@ -188,6 +204,7 @@ def _refuse_sharded(name: str, weight: torch.Tensor) -> None:
 
 
 def apply_liger_to_model(model: torch.nn.Module) -> None:
-    """Replace RMSNorm, SwiGLU and RoPE of a transformers Llama/Mistral model with Liger's
-    (CUDA only; before fully_shard and torch.compile). See `kiln.kernels.liger`."""
+    """Replace RMSNorm, the gated MLP (SwiGLU; GeGLU for Gemma 2) and RoPE of a transformers
+    Llama, Mistral, Qwen 2 or Gemma 2 model with Liger's (CUDA only; before fully_shard and
+    torch.compile). See `kiln.kernels.liger`."""
     _liger().apply_liger_to_model(model)

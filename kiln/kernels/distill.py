@@ -33,6 +33,11 @@ With top-k (`top_k` > 0, or a cache), P_T is the softmax over the teacher's k la
 logits, and the KL and JSD sums run over those k tokens, P_S being the student's
 full-vocabulary softmax read at them (it does not sum to 1 there); "top1_mix" takes the
 largest of the k.
+
+Logits are the models' own: a model with Gemma 2's final-logit soft-capping (softcap x
+tanh(logits / softcap), before the softmax) has its cap applied to its fp32 logits before
+anything above, the temperature included (`student_softcap`, `teacher_softcap`; a cache
+holds the capped logits, `teacher_topk_logits(softcap=...)`).
 """
 
 from __future__ import annotations
@@ -53,17 +58,20 @@ class DistillOptions:
     alpha: float  # top1_mix: the weight of the teacher's top-1
     beta: float  # jsd: the weight of the teacher's side of M
     temperature: float
+    student_softcap: float = 0.0  # the student's final-logit soft-cap; 0 = off
 
 
 @dataclass
 class Teacher:
     """One call's teacher, detached: hidden states (N, H_t) and lm_head rows (V, H_t) in
-    their matmul dtype, `top_k` 0 for the full vocabulary; or a cache, values (N, k) fp32
-    and indices (N, k) int64."""
+    their matmul dtype, `top_k` 0 for the full vocabulary, `softcap` its final-logit
+    soft-cap (0 = off); or a cache, values (N, k) fp32 (capped already, if the teacher
+    caps) and indices (N, k) int64."""
 
     hidden: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     top_k: int = 0
+    softcap: float = 0.0
     values: torch.Tensor | None = None
     indices: torch.Tensor | None = None
 
@@ -71,7 +79,7 @@ class Teacher:
         """Tokens [start, stop)'s teacher logits (fp32) on their support: (c, V) and None,
         or (c, k) and the (c, k) token ids they belong to."""
         if self.values is None:
-            logits = (self.hidden[start:stop] @ self.weight.T).float()  # (c, V)
+            logits = reference.soft_cap_((self.hidden[start:stop] @ self.weight.T).float(), self.softcap)  # (c, V)
             if not self.top_k:
                 return logits, None
             return logits.topk(self.top_k, dim=-1)
@@ -108,7 +116,7 @@ def _matmul_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
 
 def check_distill_inputs(name: str, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
                          teacher_topk, loss, alpha, beta, temperature, top_k, ignore_index,
-                         chunk_size) -> DistillInputs:
+                         chunk_size, student_softcap=0.0, teacher_softcap=0.0) -> DistillInputs:
     """Raise a ValueError naming `name` for anything `linear_distill_loss` cannot run, else
     the inputs flattened, cast and cut to the common vocabulary."""
     if loss not in DISTILL_LOSSES:
@@ -121,6 +129,8 @@ def check_distill_inputs(name: str, student_hidden, student_weight, targets, tea
         raise ValueError(f"{name}: temperature must be > 0 and finite, got {temperature}")
     if top_k < 0:
         raise ValueError(f"{name}: top_k must be >= 0 (0 = the full vocabulary), got {top_k}")
+    reference.check_softcap(name, student_softcap, "student_softcap")
+    reference.check_softcap(name, teacher_softcap, "teacher_softcap")
     if (teacher_hidden is None) == (teacher_topk is None):
         raise ValueError(f"{name}: give the teacher as teacher_hidden with teacher_weight, or as teacher_topk "
                          "(values, indices), exactly one of them")
@@ -169,15 +179,20 @@ def check_distill_inputs(name: str, student_hidden, student_weight, targets, tea
         if top_k not in (0, k):
             raise ValueError(f"{name}: top_k {top_k} differs from the teacher_topk cache's k = {k} "
                              "(give 0 or k)")
+        if teacher_softcap:
+            # Capping here would cap a cache made with teacher_topk_logits(softcap=...) twice.
+            raise ValueError(f"{name}: teacher_softcap applies to teacher_hidden; a teacher_topk cache holds "
+                             "the logits as made, so cap them there (teacher_topk_logits(softcap=...))")
 
     hidden2d, weight, targets1d, chunk = reference._flat_inputs(name, student_hidden, student_weight[:vocab],
                                                                 targets, chunk_size)
     valid = reference._valid_targets(name, targets1d, vocab, ignore_index)
-    options = DistillOptions(loss, float(alpha), float(beta), float(temperature))
+    options = DistillOptions(loss, float(alpha), float(beta), float(temperature), float(student_softcap))
     if teacher_hidden is not None:
         dtype = _matmul_dtype(teacher_hidden, teacher_weight)
         teacher = Teacher(hidden=teacher_hidden.detach().to(dtype).reshape(-1, teacher_hidden.shape[-1]),
-                          weight=teacher_weight.detach()[:vocab].to(dtype), top_k=top_k)
+                          weight=teacher_weight.detach()[:vocab].to(dtype), top_k=top_k,
+                          softcap=float(teacher_softcap))
     else:
         values = values.detach().float().reshape(-1, k)
         indices = indices.detach().long().reshape(-1, k)
@@ -207,9 +222,10 @@ def _chunk_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids
                  labels: torch.Tensor, o: DistillOptions, want_grad: bool):
     """One chunk's per-token loss, metrics and d loss / d student logits.
 
-    student_logits (c, V) fp32; teacher_logits (c, V) fp32 with ids None, or (c, k) at
-    token ids (c, k); both are overwritten. Returns (loss, kl at tau = 1, agreement, nll),
-    each (c,), and the (c, V) gradient of each token's own loss, or None. Besides the two
+    student_logits (c, V) fp32, soft-capped already if the student caps; teacher_logits
+    (c, V) fp32 with ids None, or (c, k) at token ids (c, k); both are overwritten. Returns
+    (loss, kl at tau = 1, agreement, nll), each (c,), and the (c, V) gradient of each
+    token's own loss with respect to the (capped) student logits, or None. Besides the two
     logits, at most three (c, V) fp32 tensors live at a time.
     """
     tau = o.temperature
@@ -305,18 +321,23 @@ def _distill_chunks(x: DistillInputs, grad_hidden_wanted: bool, grad_weight_want
         stop = min(start + x.chunk, n)
         h = hidden[start:stop]  # (c, H_s)
         row_ok = valid[start:stop]  # (c,)
-        loss, kl, agreement, nll, dlogits = _chunk_terms((h @ weight.T).float(),
-                                                         *x.teacher.logits(start, stop, row_ok),
+        student_logits = (h @ weight.T).float()  # (c, V)
+        if want_grads:
+            student_logits, tanh = reference.soft_cap_keeping_tanh(student_logits, x.options.student_softcap)
+        else:
+            student_logits = reference.soft_cap_(student_logits, x.options.student_softcap)
+        loss, kl, agreement, nll, dlogits = _chunk_terms(student_logits, *x.teacher.logits(start, stop, row_ok),
                                                          labels[start:stop], x.options, want_grads)
         sums += torch.where(row_ok, torch.stack([loss, kl, agreement.float(), nll]), 0.0).sum(1)
         if dlogits is None:
             continue
+        reference.soft_cap_backward_(dlogits, tanh)  # d/d capped logits -> d/d raw logits
         dlogits.mul_((row_ok * scale)[:, None])  # (c, V): the mean's share, 0 on ignored tokens
         if grad_hidden_wanted:
             torch.mm(dlogits.to(hidden.dtype), weight, out=grad_hidden[start:stop])  # (c, H_s)
         if grad_weight_wanted:
             grad_weight.addmm_(dlogits.T, h.float())  # (V, H_s) += (V, c) @ (c, H_s)
-        del dlogits
+        del dlogits, tanh
     loss, kl, agreement, nll = (s.clone() for s in (sums * scale).unbind())
     return loss, kl, agreement, nll, grad_hidden, grad_weight
 
@@ -366,18 +387,20 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
                         teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                         teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None, loss: str = "kl",
                         alpha: float = 0.9, beta: float = 0.5, temperature: float = 1.0, top_k: int = 0,
-                        ignore_index: int = -100, chunk_size: int = 0) -> tuple[torch.Tensor, dict]:
+                        ignore_index: int = -100, chunk_size: int = 0, student_softcap: float = 0.0,
+                        teacher_softcap: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The distillation loss of `kiln.kernels.linear_distill_loss`, chunked over tokens
     (`ChunkedLinearDistill`). Returns (loss, metrics), both fp32.
 
     chunk_size 0 picks `reference.default_chunk_size` for the common vocabulary, which
     bounds one chunk's fp32 logits by 256 MiB; a chunk here holds up to five such (c, V)
-    tensors at once (both models' logits and three temporaries), so pass a smaller
+    tensors at once (both models' logits and three temporaries; six with a
+    `student_softcap`, whose tanh is kept for the chain rule), so pass a smaller
     chunk_size where that peak matters more than the thinner chunks' time.
     """
     x = check_distill_inputs("linear_distill_loss", student_hidden, student_weight, targets, teacher_hidden,
                              teacher_weight, teacher_topk, loss, alpha, beta, temperature, top_k, ignore_index,
-                             chunk_size)
+                             chunk_size, student_softcap, teacher_softcap)
     grad_on = torch.is_grad_enabled()
     grad_hidden_wanted = grad_on and x.hidden.requires_grad
     grad_weight_wanted = grad_on and x.weight.requires_grad
@@ -391,7 +414,7 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
 
 
 def teacher_topk_logits(hidden: torch.Tensor, weight: torch.Tensor, k: int,
-                        chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk_size: int = 0, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest logits of `hidden @ weight.T` per token and their token ids, chunked,
     without gradients: the cache `linear_distill_loss(teacher_topk=...)` reads.
 
@@ -399,7 +422,9 @@ def teacher_topk_logits(hidden: torch.Tensor, weight: torch.Tensor, k: int,
     largest first. Pass the lm_head rows the student shares (weight[:V_student] when the
     teacher's vocabulary is padded further): the loss refuses ids outside the student's.
     The matmul runs in the dtype `linear_distill_loss` runs the teacher's in, so the cache
-    holds what `teacher_hidden` with `top_k` = k would compute.
+    holds what `teacher_hidden` with `top_k` = k would compute. softcap > 0 stores the
+    teacher's soft-capped logits, softcap x tanh(logits / softcap) (a Gemma 2 teacher), what
+    `teacher_softcap` = softcap would compute from its hidden states.
     """
     name = "teacher_topk_logits"
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
@@ -409,6 +434,7 @@ def teacher_topk_logits(hidden: torch.Tensor, weight: torch.Tensor, k: int,
         raise ValueError(f"{name}: k must be in [1, {weight.shape[0]}], got {k}")
     if chunk_size < 0:
         raise ValueError(f"{name}: chunk_size must be >= 0 (0 = automatic), got {chunk_size}")
+    reference.check_softcap(name, softcap)
     dtype = _matmul_dtype(hidden, weight)
     hidden2d = hidden.detach().to(dtype).reshape(-1, hidden.shape[-1])
     weight = weight.detach().to(dtype)
@@ -419,6 +445,6 @@ def teacher_topk_logits(hidden: torch.Tensor, weight: torch.Tensor, k: int,
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            torch.topk((hidden2d[start:stop] @ weight.T).float(), k, dim=-1,
-                       out=(values[start:stop], indices[start:stop]))
+            logits = reference.soft_cap_((hidden2d[start:stop] @ weight.T).float(), softcap)  # (c, V)
+            torch.topk(logits, k, dim=-1, out=(values[start:stop], indices[start:stop]))
     return values.reshape(*hidden.shape[:-1], k), indices.reshape(*hidden.shape[:-1], k)

@@ -3,7 +3,8 @@
 Imported only when something resolves to Liger (a CUDA device, see
 `backend.resolve_backend`), so CPU runs never import Triton. What the model runs from
 here: `linear_cross_entropy`, `linear_logprobs` and `linear_distill_loss` (through
-`kiln.kernels`) and Liger's RMSNorm / SwiGLU / RoPE modules (`apply_liger_to_model`).
+`kiln.kernels`) and Liger's RMSNorm / SwiGLU (GeGLU for Gemma 2) / RoPE modules
+(`apply_liger_to_model`).
 `rms_norm`, `swiglu` and `apply_rope` are test entry points only: they call the same
 Liger autograd Functions those modules call (liger-kernel 0.8.5), with the options that
 reproduce the Llama semantics of the references, so tests/kernels can check Liger's ops
@@ -19,7 +20,7 @@ from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 from liger_kernel.ops.rope import LigerRopeFunction
 from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-from kiln.kernels import distill
+from kiln.kernels import distill, reference
 
 
 # --------------------------------------------------------------------------- test entry points
@@ -49,12 +50,16 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 0) -> torch.Tensor:
+                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 0,
+                         softcap: float = 0.0) -> torch.Tensor:
     """Liger's fused linear cross-entropy. `chunk_size` is ignored: Liger sizes its own
-    chunks (transient logits at most tokens x hidden elements)."""
+    chunks (transient logits at most tokens x hidden elements). `softcap` is Liger's own
+    (None there for off): its Triton kernel caps each logit in fp32, softcap x
+    tanh(logit / softcap), and multiplies its gradient by 1 - tanh^2, as the reference."""
     del chunk_size
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    reference.check_softcap("linear_cross_entropy", softcap)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if weight.requires_grad and not hidden2d.requires_grad and torch.is_grad_enabled():
         # Liger computes grad_weight only when its input requires grad (its
@@ -63,14 +68,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         hidden2d = hidden2d.detach().requires_grad_()
     # accum_dtype fp32: grad_weight summed over chunks in fp32, as the reference does;
     # Liger's default accumulates in the weight's dtype (bf16 under mixed precision).
+    # (_input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction,
+    #  softcap, return_z_loss, accum_dtype)
     loss, _, _, _ = LigerFusedLinearCrossEntropyFunction.apply(
-        hidden2d, weight, targets.reshape(-1), None, None, ignore_index, 0.0, 0.0, reduction, None, False,
-        torch.float32)
+        hidden2d, weight, targets.reshape(-1), None, None, ignore_index, 0.0, 0.0, reduction, softcap or None,
+        False, torch.float32)
     return loss
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                    chunk_size: int = 0) -> torch.Tensor:
+                    chunk_size: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Per-token log-probs as minus Liger's fused linear cross-entropy with reduction "none".
 
     With reduction "none" and an input that needs gradients, Liger (0.8.5) defers the
@@ -78,7 +85,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     by its own upstream gradient before summing into grad_weight: the strategy of
     `reference.ChunkedLinearLogprobs`, so any loss of the log-probs gets exact gradients.
     Ignored tokens' losses are 0, hence log-probs 0.0 as in the reference. `chunk_size`
-    is ignored, as in `linear_cross_entropy`.
+    and `softcap` as in `linear_cross_entropy` (Liger's backward recomputes the logits with
+    the same cap).
 
     This is also what `kiln.kernels.linear_dpo_loss` runs on CUDA, rather than Liger's
     fused DPO loss (`liger_kernel.chunked_loss.LigerFusedLinearDPOFunction`, 0.8.5): that
@@ -93,9 +101,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     tests/kernels/test_preference.py checks on CPU.
     """
     del chunk_size
+    reference.check_softcap("linear_logprobs", softcap)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     loss, _, _, _ = LigerFusedLinearCrossEntropyFunction.apply(
-        hidden2d, weight, targets.reshape(-1), None, None, ignore_index, 0.0, 0.0, "none", None, False,
+        hidden2d, weight, targets.reshape(-1), None, None, ignore_index, 0.0, 0.0, "none", softcap or None, False,
         torch.float32)
     return (-loss).reshape(targets.shape)
 
@@ -120,8 +129,8 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
                         teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                         teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None, loss: str = "kl",
                         alpha: float = 0.9, beta: float = 0.5, temperature: float = 1.0, top_k: int = 0,
-                        ignore_index: int = -100, chunk_size: int = 0, compiled: bool = True
-                        ) -> tuple[torch.Tensor, dict]:
+                        ignore_index: int = -100, chunk_size: int = 0, student_softcap: float = 0.0,
+                        teacher_softcap: float = 0.0, compiled: bool = True) -> tuple[torch.Tensor, dict]:
     """"kl" and "jsd" through Liger's fused linear JSD (`liger_kernel.chunked_loss`,
     `LigerFusedLinearJSDFunction`), where it computes what `distill.linear_distill_loss` does.
 
@@ -136,10 +145,11 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
     absent tokens. Its log-softmaxes are made fp32 (`_LigerFusedLinearJSDInFP32`).
 
     What runs the reference instead (`distill.linear_distill_loss`): "top1_mix", `top_k`,
-    `teacher_topk` (Liger has none of them) and calls without gradients (evaluation: Liger
-    computes gradients in its forward whether or not they are wanted). The metrics are
-    not a by-product of Liger's chunks, so they cost one more no-grad pass of the
-    reference over both lm_heads (`distill.distill_metrics`). Not the same as the
+    `teacher_topk`, a `student_softcap` or `teacher_softcap` (Liger has none of them: its
+    fused linear JSD takes no final-logit soft-cap in 0.8.5) and calls without gradients
+    (evaluation: Liger computes gradients in its forward whether or not they are wanted).
+    The metrics are not a by-product of Liger's chunks, so they cost one more no-grad pass
+    of the reference over both lm_heads (`distill.distill_metrics`). Not the same as the
     reference: Liger accumulates grad_weight over chunks in the weight's dtype (bf16
     under mixed precision; the reference sums in fp32) and chooses its own chunks from
     `chunk_size` (at least that many tokens each). `compiled` is Liger's torch.compile of
@@ -147,9 +157,12 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
     """
     kwargs = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_topk=teacher_topk,
                   loss=loss, alpha=alpha, beta=beta, temperature=temperature, top_k=top_k,
-                  ignore_index=ignore_index, chunk_size=chunk_size)
+                  ignore_index=ignore_index, chunk_size=chunk_size, student_softcap=student_softcap,
+                  teacher_softcap=teacher_softcap)
     grads_wanted = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
-    if loss not in ("kl", "jsd") or top_k or teacher_topk is not None or not grads_wanted:
+    liger_computes_it = (loss in ("kl", "jsd") and not top_k and teacher_topk is None
+                         and not (student_softcap or teacher_softcap))
+    if not (liger_computes_it and grads_wanted):
         return distill.linear_distill_loss(student_hidden, student_weight, targets, **kwargs)
     x = distill.check_distill_inputs("linear_distill_loss", student_hidden, student_weight, targets, **kwargs)
     metrics = distill.distill_metrics(x)
@@ -166,23 +179,32 @@ def linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tens
 
 
 def apply_liger_to_model(model: torch.nn.Module) -> None:
-    """Swap a transformers Llama (or Mistral, kiln's sliding-window model) model's RMSNorm,
-    SwiGLU MLP and RoPE for Liger's.
+    """Swap a transformers model's RMSNorm, gated MLP and RoPE for Liger's: Llama, Mistral
+    (kiln's sliding-window model) and Qwen 2 with their SwiGLU MLP, Gemma 2 with its GeGLU
+    MLP (tanh-approximated GELU, as Gemma 2's `gelu_pytorch_tanh`) and its RMSNorm's
+    (1 + weight) scaling.
 
     Cross-entropy is left alone: kiln's model computes the loss itself through
-    `kiln.kernels.linear_cross_entropy` (inside the forward FSDP2 wraps). Apply before
-    `fully_shard` and `torch.compile`. Liger patches the model instance's norms and MLPs,
-    but RoPE by replacing `apply_rotary_pos_emb` in transformers' modeling module for the
-    whole process (every model of that type built afterwards uses it too).
+    `kiln.kernels.linear_cross_entropy` (inside the forward FSDP2 wraps; `softcap` there
+    for Gemma 2's final-logit soft-capping). Apply before `fully_shard` and
+    `torch.compile`. Liger patches the model instance's norms and MLPs, but RoPE by
+    replacing `apply_rotary_pos_emb` in transformers' modeling module for the whole process
+    (every model of that type built afterwards uses it too).
     """
-    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
+    from liger_kernel.transformers import (apply_liger_kernel_to_gemma2, apply_liger_kernel_to_llama,
+                                           apply_liger_kernel_to_mistral, apply_liger_kernel_to_qwen2)
 
-    appliers = {"llama": apply_liger_kernel_to_llama, "mistral": apply_liger_kernel_to_mistral}
+    # model_type -> (Liger's applier, the name of its gated-MLP switch)
+    appliers = {"llama": (apply_liger_kernel_to_llama, "swiglu"),
+                "mistral": (apply_liger_kernel_to_mistral, "swiglu"),
+                "qwen2": (apply_liger_kernel_to_qwen2, "swiglu"),
+                "gemma2": (apply_liger_kernel_to_gemma2, "geglu")}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in appliers:
         # Liger's own dispatcher logs and does nothing for an unknown type; a run that
         # asked for Liger should not silently train without it.
         raise ValueError(f"apply_liger_to_model: model type {model_type!r} is not supported "
                          f"(supported: {', '.join(appliers)})")
-    appliers[model_type](model=model, rope=True, rms_norm=True, swiglu=True,
-                         cross_entropy=False, fused_linear_cross_entropy=False)
+    apply, mlp_switch = appliers[model_type]
+    apply(model=model, rope=True, rms_norm=True, cross_entropy=False, fused_linear_cross_entropy=False,
+          **{mlp_switch: True})

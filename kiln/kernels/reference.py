@@ -6,6 +6,11 @@
 that differ from the obvious code: they never hold the (tokens x vocab) logits (see
 `ChunkedLinearCrossEntropy` and `ChunkedLinearLogprobs`).
 
+Both take Gemma 2's final-logit soft-capping, `softcap` x tanh(logits / `softcap`) before
+the softmax (`softcap` 30 in Gemma 2; 0 = off), applied to each chunk's fp32 logits, with
+its factor 1 - tanh^2 in the hand-written gradients (`soft_cap_`, `soft_cap_keeping_tanh`,
+`soft_cap_backward_`, which `kiln.kernels.distill` uses too).
+
 `rms_norm`, `swiglu` and `apply_rope` are test references, not called by the model:
 off CUDA the model runs transformers' own Llama modules, which these follow op for op
 (tests/kernels checks them bitwise equal), and on CUDA it runs Liger's modules patched
@@ -13,6 +18,8 @@ in by `kiln.kernels.apply_liger_to_model`, whose ops tests/kernels checks agains
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +32,9 @@ import torch.nn.functional as F
 # its addmm, whose arithmetic intensity is ~rows/4 flop per byte, so thin chunks are
 # memory-bound. Time of one forward + backward relative to naive full logits, 2 CPU
 # cores, H = 2048, fp32: at V = 128k, 128 rows 1.22x, 256 rows 1.11x, 512 rows 1.00x;
-# at V = 32k, 256 rows 1.11x, 512 rows 1.00x, 1024 rows 1.01x. 512 rows cost 64 MiB of logits at V = 32k and 256 MiB at 128k, a fraction
-# (512 / H) of grad_weight, which every method must hold anyway.
+# at V = 32k, 256 rows 1.11x, 512 rows 1.00x, 1024 rows 1.01x. 512 rows cost 64 MiB of
+# logits at V = 32k and 256 MiB at 128k, a fraction (512 / H) of grad_weight, which every
+# method must hold anyway.
 CHUNK_BYTES = 256 * 2**20
 CHUNK_ROWS = 512
 
@@ -66,6 +74,49 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+# --------------------------------------------------------------------------- final-logit soft-capping
+
+
+def check_softcap(name: str, softcap: float, arg: str = "softcap") -> None:
+    """0 is off; a cap is positive and finite (an infinite one would give 0 x inf = NaN, not "off")."""
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"{name}: {arg} must be >= 0 and finite (0 = off), got {softcap}")
+
+
+def soft_cap_(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Gemma 2's final-logit soft-capping, softcap x tanh(logits / softcap), in place over
+    fp32 logits (no gradient kept); softcap 0 returns the logits untouched."""
+    if not softcap:
+        return logits
+    return logits.div_(softcap).tanh_().mul_(softcap)
+
+
+def soft_cap_keeping_tanh(logits: torch.Tensor, softcap: float, out: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`soft_cap_` for a chunk whose gradient follows: (capped logits, tanh(logits / softcap)).
+
+    The tanh overwrites the logits, and the capped logits go to `out` (a new tensor when
+    None): one more fp32 buffer of the chunk's size, since the chain rule needs the tanh
+    after the softmax has been written over the capped logits. softcap 0 returns (logits,
+    None), and nothing changes.
+    """
+    if not softcap:
+        return logits, None
+    tanh = logits.div_(softcap).tanh_()
+    if out is None:
+        return tanh * softcap, tanh
+    return torch.mul(tanh, softcap, out=out), tanh
+
+
+def soft_cap_backward_(dlogits: torch.Tensor, tanh: torch.Tensor | None) -> torch.Tensor:
+    """The gradient with respect to the capped logits, turned in place into the one with respect
+    to the raw logits: d/dz of softcap x tanh(z / softcap) is 1 - tanh(z / softcap)^2. `tanh`
+    (from `soft_cap_keeping_tanh`) is overwritten; None (no cap) leaves dlogits as it is."""
+    if tanh is None:
+        return dlogits
+    return dlogits.mul_(tanh.square_().neg_().add_(1.0))
+
+
 # --------------------------------------------------------------------------- the loss
 
 
@@ -91,7 +142,7 @@ def _valid_targets(name: str, targets: torch.Tensor, vocab: int, ignore_index: i
 
 def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                             ignore_index: int, reduction: str, chunk_size: int,
-                            grad_hidden_wanted: bool, grad_weight_wanted: bool):
+                            grad_hidden_wanted: bool, grad_weight_wanted: bool, softcap: float = 0.0):
     """The chunk loop shared by the autograd Function and the no-grad path.
 
     Returns (loss fp32 scalar, grad_hidden or None, grad_weight in fp32 or None), the
@@ -120,6 +171,10 @@ def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets:
         # The matmul runs in the input dtype (as `hidden @ weight.T` would), then log-sum-exp
         # and softmax in fp32: exp() of bf16 logits would lose the small probabilities.
         logits = (h @ weight.T).float()  # (c, V)
+        if want_grads:
+            logits, tanh = soft_cap_keeping_tanh(logits, softcap)  # (c, V) each, tanh None without a cap
+        else:
+            logits = soft_cap_(logits, softcap)
         target_logit = logits.gather(1, t[:, None]).squeeze(1)  # (c,)
         # log-sum-exp by hand rather than torch.logsumexp, which allocates a second (c, V)
         # buffer: exp(logits - max) goes in place over the logits and, for the gradient,
@@ -135,11 +190,12 @@ def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets:
         row_scale = (row_ok * scale)[:, None]  # (c, 1)
         dlogits = exp.mul_(row_scale / sum_exp)
         dlogits[torch.arange(stop - start, device=t.device), t] -= row_scale.squeeze(1)
+        soft_cap_backward_(dlogits, tanh)
         if grad_hidden_wanted:
             torch.mm(dlogits.to(hidden.dtype), weight, out=grad_hidden[start:stop])  # (c, H)
         if grad_weight_wanted:
             grad_weight.addmm_(dlogits.T, h.float())  # (V, H) += (V, c) @ (c, H)
-        del logits, exp, dlogits
+        del logits, exp, dlogits, tanh
     return loss * scale, grad_hidden, grad_weight
 
 
@@ -179,14 +235,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     The price: gradients are computed even if backward never runs (evaluation should
     call under `torch.no_grad()`, which takes a loss-only path), and the stored
     gradients are scaled in place and released by backward, so backward can run once
-    (a second `backward(retain_graph=True)` raises).
+    (a second `backward(retain_graph=True)` raises). With a soft-cap, a chunk holds a
+    second (chunk x V) fp32 tensor, the tanh, for the chain rule.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size,
-                grad_hidden_wanted, grad_weight_wanted):
+                grad_hidden_wanted, grad_weight_wanted, softcap):
         loss, grad_hidden, grad_weight = _chunked_loss_and_grads(
-            hidden, weight, targets, ignore_index, reduction, chunk_size, grad_hidden_wanted, grad_weight_wanted)
+            hidden, weight, targets, ignore_index, reduction, chunk_size, grad_hidden_wanted, grad_weight_wanted,
+            softcap)
         # Plain attributes, not save_for_backward: these are outputs of our own computation
         # that backward overwrites, not inputs autograd must guard against modification.
         ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
@@ -195,7 +253,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (*release_gradients(ctx, grad_output, "linear_cross_entropy"), None, None, None, None, None, None)
+        return (*release_gradients(ctx, grad_output, "linear_cross_entropy"), None, None, None, None, None, None,
+                None)
 
 
 def _flat_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
@@ -223,17 +282,20 @@ def _flat_inputs(name: str, hidden: torch.Tensor, weight: torch.Tensor, targets:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 0) -> torch.Tensor:
+                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 0,
+                         softcap: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the logits `hidden @ weight.T` against `targets`, chunked over tokens.
 
     hidden (..., H), weight (V, H) (a bias-free lm_head), targets (...) with values in
     [0, V) or `ignore_index`. reduction "mean" (over non-ignored tokens; 0 when all are
     ignored) or "sum". The loss is fp32 whatever the input dtype. chunk_size 0 picks
     `default_chunk_size`. Under autocast the matmuls run in the autocast dtype, as
-    `F.linear` would.
+    `F.linear` would. softcap > 0 soft-caps the fp32 logits first, softcap x
+    tanh(logits / softcap) (Gemma 2); 0 is off.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    check_softcap("linear_cross_entropy", softcap)
     hidden2d, weight, targets1d, chunk = _flat_inputs("linear_cross_entropy", hidden, weight, targets, chunk_size)
     device_type = hidden.device.type
     grad_on = torch.is_grad_enabled()
@@ -242,9 +304,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     with torch.autocast(device_type, enabled=False):
         if not (grad_hidden_wanted or grad_weight_wanted):
             return _chunked_loss_and_grads(hidden2d, weight, targets1d, ignore_index, reduction, chunk,
-                                           False, False)[0]
+                                           False, False, softcap)[0]
         return ChunkedLinearCrossEntropy.apply(hidden2d, weight, targets1d, ignore_index, reduction, chunk,
-                                               grad_hidden_wanted, grad_weight_wanted)
+                                               grad_hidden_wanted, grad_weight_wanted, softcap)
 
 
 # --------------------------------------------------------------------------- per-token log-probs
@@ -275,8 +337,9 @@ def _chunk_logits_t(h: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor)
 
 
 def _chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
-                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) fp32 log p(target) (0 where not `valid`) and (N,) fp32 log-sum-exp of each token's logits."""
+                      chunk_size: int, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) fp32 log p(target) (0 where not `valid`) and (N,) fp32 log-sum-exp of each token's
+    (soft-capped) logits."""
     n = hidden.shape[0]
     safe_targets = torch.where(valid, targets, 0)
     logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -286,7 +349,7 @@ def _chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         stop = min(start + chunk_size, n)
         # As in `_chunked_loss_and_grads`: log-sum-exp in fp32, exp() in place over the
         # logits (torch.logsumexp would allocate a second (V, c) tensor).
-        logits_t = _chunk_logits_t(hidden[start:stop], weight, buffer)  # (V, c)
+        logits_t = soft_cap_(_chunk_logits_t(hidden[start:stop], weight, buffer), softcap)  # (V, c)
         target_logit = logits_t[safe_targets[start:stop], torch.arange(stop - start, device=hidden.device)]  # (c,)
         col_max = logits_t.amax(dim=0)  # (c,)
         sum_exp = logits_t.sub_(col_max).exp_().sum(dim=0)  # (c,)
@@ -312,14 +375,16 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     benchmarks/post_memory.py, a DPO forward + backward on 2 CPU cores: 0.93-1.09x naive's
     time at H = 512 and 2048 tokens; 1.18-1.33x at H = 2048 and 1024 tokens
     (`--hidden 2048 --seq 256`), the 4/3 of the matmuls alone. Liger's fused linear
-    cross-entropy with reduction "none" makes the same trade (`ctx.defer_grads`).
+    cross-entropy with reduction "none" makes the same trade (`ctx.defer_grads`). With a
+    soft-cap, backward holds a second chunk of fp32 logits: the tanh, for the chain rule.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, valid, chunk_size):
-        logps, lse = _chunked_logprobs(hidden, weight, targets, valid, chunk_size)
+    def forward(ctx, hidden, weight, targets, valid, chunk_size, softcap):
+        logps, lse = _chunked_logprobs(hidden, weight, targets, valid, chunk_size, softcap)
         ctx.save_for_backward(hidden, weight, targets, valid, lse)
         ctx.chunk_size = chunk_size
+        ctx.softcap = softcap
         return logps
 
     @staticmethod
@@ -336,40 +401,46 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         # first chunk writes it (mm) and the others add to it (addmm), saving a pass of zeros.
         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         buffer = _logits_buffer(hidden, weight, ctx.chunk_size)
+        capped_buffer = _logits_buffer(hidden, weight, ctx.chunk_size) if ctx.softcap else None
         for start in range(0, n, ctx.chunk_size):
             stop = min(start + ctx.chunk_size, n)
             h = hidden[start:stop]  # (c, H)
             g = token_grad[start:stop]  # (c,)
+            logits_t = _chunk_logits_t(h, weight, buffer)  # (V, c)
+            out = None if capped_buffer is None else capped_buffer[:logits_t.numel()].view(logits_t.shape)
+            logits_t, tanh = soft_cap_keeping_tanh(logits_t, ctx.softcap, out=out)  # (V, c) each
             # d logp_i / d logits_i = one_hot(t_i) - softmax_i, times the upstream g_i.
-            dlogits_t = _chunk_logits_t(h, weight, buffer).sub_(lse[start:stop]).exp_().mul_(-g)  # (V, c)
+            dlogits_t = logits_t.sub_(lse[start:stop]).exp_().mul_(-g)  # (V, c)
             dlogits_t[safe_targets[start:stop], torch.arange(stop - start, device=h.device)] += g
+            soft_cap_backward_(dlogits_t, tanh)
             if want_hidden:
                 torch.mm(dlogits_t.T.to(hidden.dtype), weight, out=grad_hidden[start:stop])  # (c, H)
             if want_weight and start == 0:
                 torch.mm(dlogits_t, h.float(), out=grad_weight)  # (V, H) = (V, c) @ (c, H)
             elif want_weight:
                 grad_weight.addmm_(dlogits_t, h.float())  # (V, H) += (V, c) @ (c, H)
-        del buffer
+        del buffer, capped_buffer
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                    chunk_size: int = 0) -> torch.Tensor:
+                    chunk_size: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """log softmax(`hidden @ weight.T`)[target] of every token, chunked over tokens.
 
     hidden (..., H), weight (V, H) (a bias-free lm_head), targets (...) with values in
     [0, V) or `ignore_index`. Returns fp32 of the targets' shape, 0.0 at ignored tokens
     (so a sum over a row is its sequence log-prob). Differentiable in hidden and weight
-    (see `ChunkedLinearLogprobs`). chunk_size 0 picks `default_chunk_size`; autocast as
-    in `linear_cross_entropy`.
+    (see `ChunkedLinearLogprobs`). chunk_size 0 picks `default_chunk_size`; autocast and
+    softcap as in `linear_cross_entropy`.
     """
+    check_softcap("linear_logprobs", softcap)
     hidden2d, weight, targets1d, chunk = _flat_inputs("linear_logprobs", hidden, weight, targets, chunk_size)
     valid = _valid_targets("linear_logprobs", targets1d, weight.shape[0], ignore_index)
     with torch.autocast(hidden.device.type, enabled=False):
         if torch.is_grad_enabled() and (hidden2d.requires_grad or weight.requires_grad):
-            logps = ChunkedLinearLogprobs.apply(hidden2d, weight, targets1d, valid, chunk)
+            logps = ChunkedLinearLogprobs.apply(hidden2d, weight, targets1d, valid, chunk, softcap)
         else:
-            logps = _chunked_logprobs(hidden2d, weight, targets1d, valid, chunk)[0]
+            logps = _chunked_logprobs(hidden2d, weight, targets1d, valid, chunk, softcap)[0]
     return logps.reshape(targets.shape)

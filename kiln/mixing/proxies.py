@@ -32,7 +32,7 @@ class ProxyConfig:
     shards: str = ""  # token shards (kiln curate tokenize) with availability.json
     output: str = ""  # one directory per run, and runs.csv
     tokenizer: str = ""  # tokenizer directory, for bits per byte (optional)
-    preset: str = "debug"  # proxy model size (kiln.training.model.PRESETS)
+    preset: str = "debug"  # proxy model size (kiln.training.presets.PRESETS)
     tokens: int = 100_000  # training tokens per proxy run
     seq_len: int = 128  # tokens per sequence
     batch_size: int = 8  # sequences per step

@@ -113,7 +113,7 @@ def _from_export(path: str, lr: float, tokenizer_dir: str) -> Base:
     try:
         model = config_of(AutoConfig.from_pretrained(path))
     except (OSError, ValueError, AttributeError) as e:
-        raise ConfigError(f"{path}/config.json: not a Llama or Mistral model config kiln trains "
+        raise ConfigError(f"{path}/config.json: not a model config of a family kiln trains "
                           f"({str(e).splitlines()[0][:200]})") from e
     stage_root = os.path.dirname(os.path.abspath(path))
     resolved = _read_optional(os.path.join(stage_root, RESOLVED_RECIPE))

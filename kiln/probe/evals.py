@@ -28,6 +28,7 @@ import torch
 
 from kiln.config import ConfigError
 from kiln.probe.config import EvalConfig
+from kiln.training.model import final_softcap
 
 LN2 = math.log(2)
 
@@ -142,14 +143,18 @@ def _load_choices(cfg: EvalConfig) -> ChoiceSet:
 def target_logprobs(hf, input_ids: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """(B, T) log p(targets | inputs so far), 0 where a target is negative (padding).
     The logits are made `chunk` positions at a time, so a large vocabulary never needs
-    the whole (B x T x V) tensor."""
+    the whole (B x T x V) tensor; a Gemma 2 model's final soft-cap is applied to them, as
+    its own forward does."""
     hidden = hf.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, C)
     flat = hidden.flatten(0, 1)
     goal = targets.flatten()
     weight = hf.lm_head.weight
+    cap = final_softcap(hf)
     out = torch.zeros(goal.shape, dtype=torch.float64, device=hidden.device)
     for i in range(0, flat.shape[0], chunk):
         logits = (flat[i:i + chunk] @ weight.T).float()  # (chunk, V)
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
         picked = logits.gather(1, goal[i:i + chunk].clamp(min=0)[:, None])[:, 0]
         out[i:i + chunk] = (picked - torch.logsumexp(logits, dim=1)).double()
     return (out * (goal >= 0)).view(targets.shape)

@@ -30,11 +30,12 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def flops_per_token(n_params_nonembedding: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+def flops_per_token(n_params_nonembedding: int, num_layers: int, attention_width: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights' forward and backward, plus
-    12 * layers * hidden * seq_len for attention scores and values (PaLM appendix B;
-    the count torchtitan's MFU uses)."""
-    return 6 * n_params_nonembedding + 12 * num_layers * hidden_size * seq_len
+    12 * layers * attention width (heads x head_dim) * seq_len for attention scores and
+    values (PaLM appendix B; the count torchtitan's MFU uses, causal mask not halved;
+    kiln plan's estimate of work done halves it: kiln.training.plan)."""
+    return 6 * n_params_nonembedding + 12 * num_layers * attention_width * seq_len
 
 
 def bits_per_byte(loss_nats_per_token: float, tokens: int, n_bytes: int) -> float:

@@ -33,6 +33,12 @@ LIGER_REDUCED_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel needs a CUDA GPU")
 
 
+def soft_cap(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Gemma 2's final-logit soft-capping written out for autograd, the naive versions' cap
+    (the references' is chunked, with a hand-written chain rule); 0 = off."""
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
 def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_()
 

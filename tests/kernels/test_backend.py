@@ -1,11 +1,13 @@
 """The backend switch: what "auto", "reference" and "liger" resolve to, the `use_backend`
 context that tests force a path with (and that leaks nothing), a CPU run that never
-imports Liger or Triton, and (on CUDA) Liger patched into a transformers model."""
+imports Liger or Triton, the model types Liger can be patched into, and (on CUDA) Liger
+patched into transformers Llama, Qwen 2 and Gemma 2 models."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,6 +135,58 @@ def test_apply_liger_to_llama_model_matches_eager(monkeypatch):
     K.apply_liger_to_model(fused)
     assert fused.model.norm._get_name() == "LigerRMSNorm"
     assert modeling_llama.apply_rotary_pos_emb.__module__.startswith("liger_kernel")
+    got = fused.model(input_ids=ids).last_hidden_state
+    got_grads = torch.autograd.grad(got.square().mean(), list(fused.model.parameters()))
+    torch.testing.assert_close(got, want, **LIGER_TOL[torch.float32])
+    for g, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, e, **LIGER_REDUCED_TOL[torch.float32])
+
+
+def test_apply_liger_to_model_refuses_an_unsupported_type_naming_the_supported_ones():
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(model_type="gpt2")
+    with pytest.raises(ValueError, match=r"model type 'gpt2' is not supported "
+                                         r"\(supported: llama, mistral, qwen2, gemma2\)"):
+        K.apply_liger_to_model(model)
+
+
+@cuda_only
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2"])
+def test_apply_liger_to_qwen2_and_gemma2_models_matches_eager(monkeypatch, model_type):
+    """Qwen 2 gets Liger's SwiGLU MLP, Gemma 2 its GeGLU MLP (tanh GELU) and the RMSNorm with
+    Gemma's (1 + weight) offset; both Liger's RoPE. Same hidden states and gradients as eager."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.gemma2 import modeling_gemma2
+    from transformers.models.qwen2 import modeling_qwen2
+
+    shape = dict(vocab_size=257, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    if model_type == "qwen2":
+        module, names, mlp = modeling_qwen2, ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP"), "LigerSwiGLUMLP"
+        cls, cfg = Qwen2ForCausalLM, Qwen2Config(**shape)
+    else:
+        # Eager attention: Gemma 2's attention-logit soft-capping is not in SDPA.
+        module, names, mlp = modeling_gemma2, ("apply_rotary_pos_emb", "Gemma2RMSNorm", "Gemma2MLP"), "LigerGEGLUMLP"
+        cls, cfg = Gemma2ForCausalLM, Gemma2Config(**shape, head_dim=16, attn_implementation="eager")
+    # Liger swaps these names in transformers' module for the whole process; monkeypatch
+    # puts the originals back after the test so later tests build eager models.
+    for name in names:
+        monkeypatch.setattr(module, name, getattr(module, name))
+    torch.manual_seed(0)
+    eager = cls(cfg).cuda()
+    with torch.no_grad():  # Gemma's RMSNorm weights start at 0 (a scale of 1 + 0): make the offset matter
+        for name, p in eager.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.1)
+    fused = cls(cfg).cuda()
+    fused.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 257, (2, 13), device="cuda")
+    want = eager.model(input_ids=ids).last_hidden_state  # before patching: RoPE is patched process-wide
+    want_grads = torch.autograd.grad(want.square().mean(), list(eager.model.parameters()))
+    K.apply_liger_to_model(fused)
+    assert fused.model.norm._get_name() == "LigerRMSNorm"
+    assert fused.model.layers[0].mlp._get_name() == mlp
+    assert module.apply_rotary_pos_emb.__module__.startswith("liger_kernel")
     got = fused.model(input_ids=ids).last_hidden_state
     got_grads = torch.autograd.grad(got.square().mean(), list(fused.model.parameters()))
     torch.testing.assert_close(got, want, **LIGER_TOL[torch.float32])

@@ -1,10 +1,11 @@
 """kiln.kernels.linear_distill_loss: the chunked reference against naive full-logits
 distillation losses written out with log_softmax (every kind, temperature, top-k, a
-teacher top-k cache, ignored tokens, padded vocabularies, chunkings; values, gradients
-and metrics), the cases with known answers (a teacher as its own student, top1_mix by
-hand, every token ignored), the cache against the teacher's hidden states, Liger's fused
-linear JSD run on the CPU (and, on CUDA, the Liger backend) against the reference, and
-the errors. Tolerances: tests/kernels/test_linear_cross_entropy.py.
+teacher top-k cache, ignored tokens, padded vocabularies, chunkings, Gemma 2's final-logit
+soft-capping of either model; values, gradients and metrics), the cases with known
+answers (a teacher as its own student, top1_mix by hand, every token ignored), the cache
+against the teacher's hidden states (capped or not), Liger's fused linear JSD run on the
+CPU (and, on CUDA, the Liger backend) against the reference, and the errors.
+Tolerances: tests/kernels/test_linear_cross_entropy.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import kiln.kernels as K
-from tests.kernels.common import LIGER_TOL, cuda_only, grads, leaf
+from tests.kernels.common import LIGER_TOL, cuda_only, grads, leaf, soft_cap
 from tests.kernels.test_linear_cross_entropy import LCE_LOSS_TOL, assert_grad_close
 
 H_S, H_T, V_S = 24, 40, 130
@@ -39,14 +40,15 @@ def distill_inputs(batch_shape=(3, 7), vocab_s=V_S, vocab_t=V_S + 64, n_ignored=
 # --------------------------------------------------------------------------- the naive version (full logits)
 
 
-def naive_distill(hs, ws, t, ht=None, wt=None, topk=None, loss="kl", alpha=0.9, beta=0.5, tau=1.0, top_k=0):
+def naive_distill(hs, ws, t, ht=None, wt=None, topk=None, loss="kl", alpha=0.9, beta=0.5, tau=1.0, top_k=0,
+                  student_softcap=0.0, teacher_softcap=0.0):
     """(loss, metrics) from the full logits of every token at once."""
     vocab = ws.shape[0] if wt is None else min(ws.shape[0], wt.shape[0])
     valid = t != -100
     labels = torch.where(valid, t, 0)
-    zs = (hs @ ws[:vocab].T).float()
+    zs = soft_cap((hs @ ws[:vocab].T).float(), student_softcap)
     if topk is None:
-        zt = (ht @ wt[:vocab].T).float().detach()
+        zt = soft_cap((ht @ wt[:vocab].T).float(), teacher_softcap).detach()
         values, ids = zt.topk(top_k, dim=-1) if top_k else (zt, None)
     else:
         values, ids = topk[0].float(), topk[1]
@@ -143,6 +145,59 @@ def test_reference_matches_naive(loss, beta, tau, top_k, source, chunk_size):
         assert not metrics[name].requires_grad
         torch.testing.assert_close(metrics[name], metrics_n[name], **LCE_LOSS_TOL[torch.float32])
     assert torch.count_nonzero(gh[t == -100]) == 0  # ignored tokens pass nothing back
+
+
+# (loss, beta, temperature, top_k, student_softcap, teacher_softcap, chunk_size): caps of 1.5 and
+# 2.5 on logits whose largest are 4.7 (student) and 8 (teacher), each model capped alone and both.
+SOFTCAP_CASES = [
+    ("kl", 0.5, 1.0, 0, 1.5, 2.5, 4),
+    ("kl", 0.5, 2.0, 5, 1.5, 0.0, 5),
+    ("kl", 0.5, 1.5, 0, 0.0, 2.5, 8),
+    ("top1_mix", 0.5, 1.5, 0, 1.5, 2.5, 4),
+    ("top1_mix", 0.5, 1.0, 3, 1.5, 0.0, 0),
+    ("jsd", 0.5, 1.0, 0, 1.5, 2.5, 4),
+    ("jsd", 0.0, 2.0, 0, 0.0, 2.5, 5),
+    ("jsd", 1.0, 1.5, 6, 1.5, 2.5, 4),
+    ("jsd", 0.3, 0.7, 0, 1.5, 0.0, 16),
+]
+
+
+@pytest.mark.parametrize("loss,beta,tau,top_k,student_softcap,teacher_softcap,chunk_size", SOFTCAP_CASES)
+def test_softcapped_reference_matches_naive(loss, beta, tau, top_k, student_softcap, teacher_softcap, chunk_size):
+    """Each model's logits capped before the temperature, top-k and metrics; the student's
+    gradient through 1 - tanh^2."""
+    hs, ws, ht, wt, t = distill_inputs()
+    kw = dict(loss=loss, alpha=0.7, beta=beta)
+    caps = dict(student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+    value, metrics, gh, gw = run(reference, hs, ws, t, teacher_hidden=ht, teacher_weight=wt, top_k=top_k,
+                                 temperature=tau, chunk_size=chunk_size, **caps, **kw)
+    value_n, metrics_n, ghn, gwn = run(naive_distill, hs, ws, t, ht=ht, wt=wt, top_k=top_k, tau=tau, **caps, **kw)
+    with torch.no_grad():  # the no-grad path caps the student in place: the same value
+        no_grad, _ = reference(hs, ws, t, teacher_hidden=ht, teacher_weight=wt, top_k=top_k, temperature=tau,
+                               chunk_size=chunk_size, **caps, **kw)
+    uncapped, _ = reference(hs, ws, t, teacher_hidden=ht, teacher_weight=wt, top_k=top_k, temperature=tau,
+                            chunk_size=chunk_size, **kw)
+    # The caps move the loss by a thousand times its tolerance or more (top1_mix reads the
+    # teacher only through its argmax, which a cap keeps: there the student's cap moves it).
+    assert abs(value.item() - uncapped.item()) > 0.01
+    torch.testing.assert_close(value, value_n, **LCE_LOSS_TOL[torch.float32])
+    torch.testing.assert_close(no_grad, value, atol=0, rtol=0)
+    assert_grad_close(gh, ghn, torch.float32)
+    assert_grad_close(gw, gwn, torch.float32)
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], metrics_n[name], **LCE_LOSS_TOL[torch.float32])
+    assert torch.count_nonzero(gh[t == -100]) == 0
+
+
+def test_softcap_zero_is_off_for_distillation():
+    """Both caps 0 (and the cache's) are the uncapped path to the bit."""
+    hs, ws, ht, wt, t = distill_inputs()
+    for loss in ("kl", "top1_mix", "jsd"):
+        kw = dict(teacher_hidden=ht, teacher_weight=wt, loss=loss, beta=0.3, temperature=1.5, chunk_size=4)
+        torch.testing.assert_close(run(reference, hs, ws, t, student_softcap=0.0, teacher_softcap=0.0, **kw),
+                                   run(reference, hs, ws, t, **kw), atol=0, rtol=0)
+    torch.testing.assert_close(K.teacher_topk_logits(ht, wt[:V_S], 6, chunk_size=4, softcap=0.0),
+                               K.teacher_topk_logits(ht, wt[:V_S], 6, chunk_size=4), atol=0, rtol=0)
 
 
 def test_reference_matches_naive_bf16_student_vocab_padded_further_and_teacher_constant():
@@ -291,6 +346,23 @@ def test_teacher_topk_cache_equals_teacher_hidden_with_top_k():
             torch.testing.assert_close(got[2:], from_hidden[2:], atol=0, rtol=0)
 
 
+def test_softcapped_teacher_topk_cache_equals_capped_teacher_hidden_with_top_k():
+    """teacher_topk_logits(softcap=) holds the capped logits' top k, what teacher_softcap with
+    top_k computes from the hidden states: the same loss, metrics and gradients to the bit."""
+    hs, ws, ht, wt, t = distill_inputs()
+    values, indices = K.teacher_topk_logits(ht, wt[:V_S], 6, chunk_size=4, softcap=2.5)
+    want_values, want_indices = soft_cap((ht @ wt[:V_S].T).float(), 2.5).topk(6, dim=-1)
+    torch.testing.assert_close(values, want_values, atol=1e-6, rtol=1e-6)
+    assert torch.equal(indices, want_indices)
+    assert values.abs().max().item() < 2.5  # capped, not raw (the raw largest is 8)
+    for loss in ("kl", "top1_mix", "jsd"):
+        kw = dict(loss=loss, beta=0.3, temperature=1.5, chunk_size=4, student_softcap=1.5)
+        from_hidden = run(reference, hs, ws, t, teacher_hidden=ht, teacher_weight=wt, top_k=6, teacher_softcap=2.5,
+                          **kw)
+        from_cache = run(reference, hs, ws, t, teacher_topk=(values, indices), **kw)
+        torch.testing.assert_close(from_cache, from_hidden, atol=0, rtol=0)
+
+
 # --------------------------------------------------------------------------- Liger
 
 
@@ -323,7 +395,9 @@ def test_liger_path_falls_back_to_the_reference():
 
     hs, ws, ht, wt, t = distill_inputs()
     cache = (ht @ wt[:V_S].T).topk(5)
-    for kw in (dict(loss="top1_mix"), dict(loss="kl", top_k=5), dict(loss="jsd", teacher_topk=cache)):
+    # Liger's fused linear JSD has no final-logit soft-cap: a capped student or teacher runs the reference.
+    for kw in (dict(loss="top1_mix"), dict(loss="kl", top_k=5), dict(loss="jsd", teacher_topk=cache),
+               dict(loss="kl", student_softcap=1.5), dict(loss="jsd", teacher_softcap=2.5)):
         teacher = {} if "teacher_topk" in kw else dict(teacher_hidden=ht, teacher_weight=wt)
         got = run(liger.linear_distill_loss, hs, ws, t, chunk_size=4, **teacher, **kw)
         want = run(reference, hs, ws, t, chunk_size=4, **teacher, **kw)
@@ -377,6 +451,11 @@ def test_rejects_bad_input():
         (dict(teacher_topk=topk, top_k=3), "top_k 3 differs from the teacher_topk cache's k = 4"),
         (dict(teacher_topk=(topk[0], topk[1] + V_S)),
          rf"teacher_topk index \d+ at a non-ignored token is outside the student's vocabulary \[0, {V_S}\)"),
+        (dict(student_softcap=-1.0, **teacher), r"student_softcap must be >= 0 and finite \(0 = off\), got -1.0"),
+        (dict(teacher_softcap=float("inf"), **teacher), "teacher_softcap must be >= 0 and finite"),
+        # A cache is capped when it is made; capping it here could cap it twice.
+        (dict(teacher_topk=topk, teacher_softcap=30.0), r"teacher_softcap applies to teacher_hidden; .* "
+                                                        r"\(teacher_topk_logits\(softcap=\.\.\.\)\)"),
     ]
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -396,6 +475,8 @@ def test_rejects_bad_input():
         K.teacher_topk_logits(ht, wt[:V_S], 0)
     with pytest.raises(ValueError, match="teacher_topk_logits: hidden .* do not fit"):
         K.teacher_topk_logits(ht, wt.T, 4)
+    with pytest.raises(ValueError, match="teacher_topk_logits: softcap must be >= 0 and finite"):
+        K.teacher_topk_logits(ht, wt[:V_S], 4, softcap=-30.0)
     # The Liger path checks the same way before it calls Liger.
     from kiln.kernels import liger
 

@@ -1,8 +1,8 @@
 """kiln.kernels.linear_cross_entropy, the model's loss: the chunked reference against
 naive full-logits cross-entropy (every dtype, odd shapes, ignored tokens, chunkings,
-autocast, partial gradients), inside an FSDP2-sharded module's forward as
-CausalLM.forward calls it, and (on CUDA) Liger's fused loss against the reference.
-Tolerances: see tests/kernels/common.py and the comments below."""
+autocast, partial gradients, Gemma 2's final-logit soft-capping), inside an
+FSDP2-sharded module's forward as CausalLM.forward calls it, and (on CUDA) Liger's fused
+loss against the reference. Tolerances: see tests/kernels/common.py and the comments below."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import kiln.kernels as K
 from kiln.kernels import reference
-from tests.kernels.common import DTYPES, LIGER_TOL, cuda_only, leaf
+from tests.kernels.common import DTYPES, LIGER_TOL, cuda_only, leaf, soft_cap
 
 # The logits matmul runs in the input dtype in both versions; they differ in (a) the
 # order of the fp32 log-sum-exp/softmax arithmetic, (b) the chunked matmuls' blocking,
@@ -45,8 +45,8 @@ def lce_inputs(batch_shape, hidden, vocab, dtype, n_ignored=0, seed=0):
     return h, w, t
 
 
-def naive_lce(h, w, t, reduction="mean"):
-    return F.cross_entropy((h @ w.T).float(), t, ignore_index=-100, reduction=reduction)
+def naive_lce(h, w, t, reduction="mean", softcap=0.0):
+    return F.cross_entropy(soft_cap((h @ w.T).float(), softcap), t, ignore_index=-100, reduction=reduction)
 
 
 def run_lce(fn, h, w, t, **kw):
@@ -156,6 +156,10 @@ def test_linear_cross_entropy_rejects_bad_input_and_second_backward():
             K.linear_cross_entropy(h, w.T, t)
         with pytest.raises(ValueError, match="targets .* do not match hidden"):
             K.linear_cross_entropy(h, w, t.reshape(-1))
+        with pytest.raises(ValueError, match=r"softcap must be >= 0 and finite \(0 = off\), got -30.0"):
+            K.linear_cross_entropy(h, w, t, softcap=-30.0)
+        with pytest.raises(ValueError, match="softcap must be >= 0 and finite"):
+            K.linear_cross_entropy(h, w, t, softcap=float("inf"))  # 30 x tanh(z / inf) would be 0 x inf = NaN
         loss = K.linear_cross_entropy(leaf(h), leaf(w), t)
         loss.backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="backward ran twice"):
@@ -171,6 +175,52 @@ def test_default_chunk_size_bounds_rows_and_bytes():
     assert reference.default_chunk_size(21, 257) == 21
     assert reference.default_chunk_size(0, 257) == 1
     assert reference.default_chunk_size(10, 10**9) == 1
+
+
+# --------------------------------------------------------------------------- final-logit soft-capping
+
+# (dtype, softcap, logit scale): Gemma 2's cap of 30 on logits of that order (lm_head x 16:
+# std 16, the largest 67, which the cap brings under 30), and a cap of 2 on O(1) logits
+# (the largest 4), in both dtypes. Either way tanh is far from linear on the logits that
+# count. The scales are powers of two, exact in bf16.
+SOFTCAP_CASES = [(torch.float32, 30.0, 16.0), (torch.float32, 2.0, 1.0), (torch.bfloat16, 2.0, 1.0)]
+
+
+@pytest.mark.parametrize("dtype,softcap,scale", SOFTCAP_CASES)
+@pytest.mark.parametrize("reduction,chunk_size", [("mean", 4), ("sum", 0)])
+def test_softcapped_linear_cross_entropy_matches_naive(dtype, softcap, scale, reduction, chunk_size):
+    """cap x tanh(logits / cap) inside each chunk, its 1 - tanh^2 in the hand-written gradients:
+    against autograd through the capped full logits."""
+    h, w, t = lce_inputs((3, 7), 48, 257, dtype, n_ignored=5)
+    w = w * scale
+    with K.use_backend("reference"):
+        loss, gh, gw = run_lce(K.linear_cross_entropy, h, w, t, chunk_size=chunk_size, reduction=reduction,
+                               softcap=softcap)
+        uncapped = K.linear_cross_entropy(h, w, t, chunk_size=chunk_size, reduction=reduction)
+        with torch.no_grad():  # the loss-only path caps in place: the same value
+            no_grad = K.linear_cross_entropy(leaf(h), leaf(w), t, chunk_size=chunk_size, reduction=reduction,
+                                             softcap=softcap)
+    loss_n, ghn, gwn = run_lce(lambda a, b, c: naive_lce(a.reshape(-1, 48), b, c.reshape(-1), reduction, softcap),
+                               h, w, t)
+    # The cap moves the loss (by 3 % at cap 2, 38 % at cap 30) far beyond the tolerance.
+    assert abs(loss.item() - uncapped.item()) > 0.02 * abs(uncapped.item())
+    assert gh.dtype == dtype and gw.dtype == dtype
+    torch.testing.assert_close(loss, loss_n, **LCE_LOSS_TOL[dtype])
+    assert_grad_close(gh, ghn, dtype)
+    assert_grad_close(gw, gwn, dtype)
+    torch.testing.assert_close(no_grad, loss, atol=0, rtol=0)
+    assert torch.count_nonzero(gh[t == -100]) == 0
+
+
+def test_softcap_zero_is_off():
+    """softcap 0 is the uncapped loss to the bit (the tests above hold that one to the naive
+    loss): 0 never reaches the cap's arithmetic, where 0 x tanh(z / 0) would be NaN."""
+    h, w, t = lce_inputs((3, 7), 48, 257, torch.float32, n_ignored=3)
+    with K.use_backend("reference"):
+        for reduction in ("mean", "sum"):
+            got = run_lce(K.linear_cross_entropy, h, w, t, chunk_size=4, reduction=reduction, softcap=0.0)
+            want = run_lce(K.linear_cross_entropy, h, w, t, chunk_size=4, reduction=reduction)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------- under FSDP2
@@ -258,6 +308,25 @@ def test_liger_linear_cross_entropy_matches_reference(dtype, reduction):
     torch.testing.assert_close(loss_l, loss_r, **LIGER_TOL[dtype])
     # Liger writes each chunk's dlogits over its logits buffer, in the input dtype: its
     # bf16 grad_weight rounds dlogits as naive autograd does, hence the same slack.
+    assert_grad_close(gh_l, gh_r, dtype, LIGER_TOL)
+    assert_grad_close(gw_l, gw_r, dtype, LIGER_TOL)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,softcap,scale", SOFTCAP_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_liger_softcapped_linear_cross_entropy_matches_reference(dtype, softcap, scale, reduction):
+    """Liger's `softcap` (its Triton kernel caps in fp32 and applies 1 - tanh^2) against the
+    reference's, with the tolerances of the uncapped comparison above."""
+    h, w, t = (x.cuda() for x in lce_inputs((3, 7), 48, 1000, dtype, n_ignored=5))
+    w = w * scale
+    results = []
+    for backend in ("reference", "liger"):
+        with K.use_backend(backend):
+            results.append(run_lce(K.linear_cross_entropy, h, w, t, chunk_size=4, reduction=reduction,
+                                   softcap=softcap))
+    (loss_r, gh_r, gw_r), (loss_l, gh_l, gw_l) = results
+    torch.testing.assert_close(loss_l, loss_r, **LIGER_TOL[dtype])
     assert_grad_close(gh_l, gh_r, dtype, LIGER_TOL)
     assert_grad_close(gw_l, gw_r, dtype, LIGER_TOL)
 

@@ -2,8 +2,9 @@
 naive full-logits log-softmax, outputs and gradients of a weighted sum), `dpo_loss` and
 `reward_loss` against hand computations and `dpo_loss` against Liger's DPO loss function,
 `linear_dpo_loss` against a naive full-logits DPO loss (NLL of fully masked chosen rows
-included) and against Liger's fused DPO loss run on the CPU, and (on CUDA) the Liger path
-against the reference. Tolerances: tests/kernels/common.py and test_linear_cross_entropy.py.
+included) and against Liger's fused DPO loss run on the CPU, both log-prob losses with
+Gemma 2's final-logit soft-capping, and (on CUDA) the Liger path against the reference.
+Tolerances: tests/kernels/common.py and test_linear_cross_entropy.py.
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ import torch
 import torch.nn.functional as F
 
 import kiln.kernels as K
-from tests.kernels.common import DTYPES, LIGER_TOL, cuda_only, grads, leaf
-from tests.kernels.test_linear_cross_entropy import LCE_GRAD_TOL, LCE_LOSS_TOL, assert_grad_close, lce_inputs
+from tests.kernels.common import DTYPES, LIGER_TOL, cuda_only, grads, leaf, soft_cap
+from tests.kernels.test_linear_cross_entropy import (LCE_GRAD_TOL, LCE_LOSS_TOL, SOFTCAP_CASES, assert_grad_close,
+                                                     lce_inputs)
 
 # --------------------------------------------------------------------------- naive versions (full logits)
 
 
-def naive_logprobs(h, w, t, ignore_index=-100):
+def naive_logprobs(h, w, t, ignore_index=-100, softcap=0.0):
     valid = t != ignore_index
-    logps = F.log_softmax((h @ w.T).float(), dim=-1).gather(-1, torch.where(valid, t, 0)[..., None]).squeeze(-1)
+    log_softmax = F.log_softmax(soft_cap((h @ w.T).float(), softcap), dim=-1)
+    logps = log_softmax.gather(-1, torch.where(valid, t, 0)[..., None]).squeeze(-1)
     return logps * valid
 
 
-def naive_dpo(h, w, t, ref_chosen, ref_rejected, beta, loss_type, nll_weight):
+def naive_dpo(h, w, t, ref_chosen, ref_rejected, beta, loss_type, nll_weight, softcap=0.0):
     """DPO written out from full logits, as TRL's DPOTrainer computes it (summed log-probs)."""
-    token_logps = naive_logprobs(h, w, t)  # (2B, T)
+    token_logps = naive_logprobs(h, w, t, softcap=softcap)  # (2B, T)
     pairs = t.shape[0] // 2
     seq = token_logps.sum(-1)
     logits = (seq[:pairs] - ref_chosen) - (seq[pairs:] - ref_rejected)
@@ -147,6 +150,48 @@ def test_linear_logprobs_rejects_bad_input():
             K.linear_logprobs(h, w, t[:, :5])
         with pytest.raises(ValueError, match="linear_logprobs: chunk_size must be >= 0"):
             K.linear_logprobs(h, w, t, chunk_size=-1)
+        with pytest.raises(ValueError, match=r"linear_logprobs: softcap must be >= 0 and finite \(0 = off\), got nan"):
+            K.linear_logprobs(h, w, t, softcap=float("nan"))
+
+
+@pytest.mark.parametrize("dtype,softcap,scale", SOFTCAP_CASES)
+@pytest.mark.parametrize("chunk_size", [4, 0])
+def test_softcapped_linear_logprobs_matches_naive(dtype, softcap, scale, chunk_size):
+    """The cap in forward's chunks and again in backward's recomputed ones, whose gradient
+    takes each token's own upstream weight before 1 - tanh^2."""
+    h, w, t = lce_inputs((3, 7), 48, 257, dtype, n_ignored=5)
+    w = w * scale
+    hr, wr = leaf(h), leaf(w)
+    with K.use_backend("reference"):
+        out = K.linear_logprobs(hr, wr, t, chunk_size=chunk_size, softcap=softcap)
+        uncapped = K.linear_logprobs(h, w, t, chunk_size=chunk_size)
+        with torch.no_grad():
+            no_grad = K.linear_logprobs(leaf(h), leaf(w), t, chunk_size=chunk_size, softcap=softcap)
+    gh, gw = grads(out, [hr, wr])
+    hn, wn = leaf(h), leaf(w)
+    out_n = naive_logprobs(hn, wn, t, softcap=softcap)
+    ghn, gwn = grads(out_n, [hn, wn])
+    assert (out - uncapped).abs().max().item() > 0.25  # the cap moves some log-probs by half a nat at cap 2
+    torch.testing.assert_close(out, out_n.detach(), **LCE_LOSS_TOL[dtype])
+    torch.testing.assert_close(no_grad, out.detach(), atol=0, rtol=0)
+    assert_grad_close(gh, ghn, dtype)
+    assert_grad_close(gw, gwn, dtype)
+    assert torch.all(out[t == -100] == 0.0)
+    assert torch.count_nonzero(gh[t == -100]) == 0
+
+
+def test_softcap_zero_is_off_for_logprobs_and_dpo():
+    """softcap 0 is the uncapped path to the bit, log-probs, DPO loss and gradients alike."""
+    h, w, t, ref_c, ref_r = dpo_inputs(pairs=2, seq=6, hidden=48, vocab=257, dtype=torch.float32)
+
+    def logprobs_and_dpo(**softcap):
+        hr, wr = leaf(h), leaf(w)
+        out = K.linear_logprobs(hr, wr, t, chunk_size=4, **softcap)
+        loss, _ = K.linear_dpo_loss(hr, wr, t, ref_c, ref_r, nll_weight=0.2, chunk_size=4, **softcap)
+        return out, loss, *grads((out, loss), [hr, wr])
+
+    with K.use_backend("reference"):
+        torch.testing.assert_close(logprobs_and_dpo(softcap=0.0), logprobs_and_dpo(), atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------- dpo_loss
@@ -260,6 +305,30 @@ def test_linear_dpo_loss_matches_naive(dtype, loss_type, nll_weight, chunk_size)
     assert_dpo_grad_close(hr.grad, hn.grad, dtype)
     assert_dpo_grad_close(wr.grad, wn.grad, dtype)
     assert torch.count_nonzero(hr.grad[t == -100]) == 0
+
+
+@pytest.mark.parametrize("dtype,loss_type", [(torch.float32, "sigmoid"), (torch.float32, "ipo"),
+                                             (torch.bfloat16, "sigmoid")])
+def test_softcapped_linear_dpo_loss_matches_naive(dtype, loss_type):
+    """The policy's log-probs soft-capped (cap 2 on O(1) logits) through the DPO loss and its NLL term."""
+    h, w, t, ref_c, ref_r = dpo_inputs(pairs=3, seq=9, hidden=48, vocab=257, dtype=dtype)
+    hr, wr = leaf(h), leaf(w)
+    with K.use_backend("reference"):
+        loss, metrics = K.linear_dpo_loss(hr, wr, t, ref_c, ref_r, beta=0.1, loss_type=loss_type, nll_weight=0.2,
+                                          chunk_size=5, softcap=2.0)
+        _, uncapped = K.linear_dpo_loss(h, w, t, ref_c, ref_r, beta=0.1, loss_type=loss_type, chunk_size=5)
+    loss.backward()
+    hn, wn = leaf(h), leaf(w)
+    loss_n, seq_n, nll_n = naive_dpo(hn, wn, t, ref_c, ref_r, 0.1, loss_type, 0.2, softcap=2.0)
+    loss_n.backward()
+    # Capping moves the chosen sequence log-probs by 0.2 to 1.6 nats here.
+    assert (metrics["chosen_logps"] - uncapped["chosen_logps"]).abs().max().item() > 1.0
+    torch.testing.assert_close(metrics["chosen_logps"], seq_n[:3].detach(), **LCE_LOSS_TOL[dtype])
+    torch.testing.assert_close(metrics["rejected_logps"], seq_n[3:].detach(), **LCE_LOSS_TOL[dtype])
+    torch.testing.assert_close(metrics["nll"], nll_n.detach(), **LCE_LOSS_TOL[dtype])
+    torch.testing.assert_close(loss.detach(), loss_n.detach(), **LCE_LOSS_TOL[dtype])
+    assert_dpo_grad_close(hr.grad, hn.grad, dtype)
+    assert_dpo_grad_close(wr.grad, wn.grad, dtype)
 
 
 def test_linear_dpo_loss_nll_is_zero_not_nan_when_every_chosen_token_is_masked():
@@ -376,16 +445,35 @@ def test_liger_linear_logprobs_matches_reference(dtype):
 
 
 @cuda_only
+@pytest.mark.parametrize("dtype,softcap,scale", SOFTCAP_CASES)
+def test_liger_softcapped_linear_logprobs_matches_reference(dtype, softcap, scale):
+    """Liger's reduction "none" recomputes the capped logits in its backward, as the reference does."""
+    h, w, t = (x.cuda() for x in lce_inputs((3, 7), 48, 1000, dtype, n_ignored=5))
+    w = w * scale
+    results = []
+    for backend in ("reference", "liger"):
+        hr, wr = leaf(h), leaf(w)
+        out = K.linear_logprobs(hr, wr, t, backend=backend, softcap=softcap)
+        results.append((out, grads(out, [hr, wr])))
+    (out_r, (gh_r, gw_r)), (out_l, (gh_l, gw_l)) = results
+    torch.testing.assert_close(out_l, out_r, **LIGER_TOL[dtype])
+    assert torch.all(out_l[t == -100] == 0.0)
+    assert_grad_close(gh_l, gh_r, dtype, LIGER_TOL)
+    assert_grad_close(gw_l, gw_r, dtype, LIGER_TOL)
+
+
+@cuda_only
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loss_type,nll_weight", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.2)])
-def test_liger_linear_dpo_loss_matches_reference(dtype, loss_type, nll_weight):
+@pytest.mark.parametrize("loss_type,nll_weight,softcap", [("sigmoid", 0.0, 0.0), ("sigmoid", 0.2, 0.0),
+                                                         ("ipo", 0.2, 0.0), ("sigmoid", 0.2, 2.0)])
+def test_liger_linear_dpo_loss_matches_reference(dtype, loss_type, nll_weight, softcap):
     h, w, t, ref_c, ref_r = (x.cuda() for x in dpo_inputs(pairs=3, seq=9, hidden=48, vocab=1000, dtype=dtype))
     t[1] = -100
     results = []
     for backend in ("reference", "liger"):
         hr, wr = leaf(h), leaf(w)
         loss, metrics = K.linear_dpo_loss(hr, wr, t, ref_c, ref_r, loss_type=loss_type, nll_weight=nll_weight,
-                                          backend=backend)
+                                          backend=backend, softcap=softcap)
         loss.backward()
         results.append((loss.detach(), metrics, hr.grad, wr.grad))
     (loss_r, m_r, gh_r, gw_r), (loss_l, m_l, gh_l, gw_l) = results

@@ -31,7 +31,7 @@ def test_presets_have_the_papers_shapes():
 
 
 def test_sliding_window_is_local_attention():
-    model = build_model(resolve(ModelConfig(preset="debug", sliding_window=4), vocab_size=256))
+    model = build_model(resolve(ModelConfig(preset="debug", family="mistral", sliding_window=4), vocab_size=256))
     assert type(model).__name__ == "MistralForCausalLM" and model.config.sliding_window == 4
     x = torch.randint(0, 256, (1, 16))
     y = x.clone()

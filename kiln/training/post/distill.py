@@ -41,7 +41,7 @@ from kiln.config import ConfigError
 from kiln.formats.hashing import content_sha256
 from kiln.kernels import linear_distill_loss
 from kiln.training.distributed import World, all_reduce_mean, barrier
-from kiln.training.model import CausalLM, document_mask
+from kiln.training.model import CausalLM, final_softcap, packed_attention_mask
 from kiln.training.parallelize import ParallelConfig, autocast
 
 CACHE_DIR, CACHE_INDEX, SHARD_ROWS = "teacher", "index.json", 256
@@ -84,22 +84,26 @@ class DistillLM(CausalLM):
         self.temperature, self.top_k = cfg.temperature, cfg.top_k
 
     def forward(self, input_ids, labels, position_ids=None, segment_ids=None, teacher_topk=None):
-        mask = document_mask(segment_ids) if segment_ids is not None else None
+        mask = packed_attention_mask(self.hf.config, segment_ids) if segment_ids is not None else None
         hidden = self.hf.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state
         t_hidden = t_weight = None
+        t_softcap = 0.0  # a cache holds the teacher's logits already capped (TeacherCache.build)
         if teacher_topk is None:
+            t_mask = packed_attention_mask(self.teacher.config, segment_ids) if segment_ids is not None else None
             with torch.no_grad():
-                t_hidden = self.teacher.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                t_hidden = self.teacher.model(input_ids=input_ids, attention_mask=t_mask, position_ids=position_ids,
                                               use_cache=False).last_hidden_state.flatten(0, 1)
             t_weight = self.teacher.lm_head.weight
+            t_softcap = final_softcap(self.teacher)
         else:
             teacher_topk = tuple(t.flatten(0, 1) for t in teacher_topk)
         return linear_distill_loss(hidden.flatten(0, 1), self.hf.lm_head.weight, labels.flatten(),
                                    teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_topk=teacher_topk,
                                    loss=self.loss_kind, alpha=self.alpha, beta=self.beta,
                                    temperature=self.temperature, top_k=self.top_k,
-                                   chunk_size=self.kernels.ce_chunk_size, backend=self.kernels.backend)
+                                   chunk_size=self.kernels.ce_chunk_size, backend=self.kernels.backend,
+                                   student_softcap=final_softcap(self.hf), teacher_softcap=t_softcap)
 
 
 def row_key(input_ids: torch.Tensor, segment_ids: torch.Tensor | None, j: int) -> str:
@@ -154,13 +158,14 @@ class TeacherCache:
                        if row_key(b.input_ids, b.segment_ids, j) not in rows]
                 if not new:
                     continue
-                mask = document_mask(b.segment_ids[new]) if b.segment_ids is not None else None
+                mask = packed_attention_mask(teacher.config, b.segment_ids[new]) if b.segment_ids is not None \
+                    else None
                 with autocast(parallel, world):
                     hidden = teacher.model(input_ids=b.input_ids[new], attention_mask=mask,
                                            position_ids=None if b.position_ids is None else b.position_ids[new],
                                            use_cache=False).last_hidden_state
                 # the common rows only: a larger teacher vocabulary's padding rows are never targets
-                v, ix = teacher_topk_logits(hidden, teacher.lm_head.weight[:vocab], k)
+                v, ix = teacher_topk_logits(hidden, teacher.lm_head.weight[:vocab], k, softcap=final_softcap(teacher))
                 for j in new:
                     rows[row_key(b.input_ids, b.segment_ids, j)] = len(rows)
                 values.append(v.cpu())

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels import linear_dpo_loss, linear_logprobs, reward_loss
-from kiln.training.model import CausalLM
+from kiln.training.model import CausalLM, final_softcap
 
 
 class PreferenceLM(CausalLM):
@@ -29,14 +29,15 @@ class PreferenceLM(CausalLM):
         hidden = self.hf.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (2B, T, C)
         return linear_dpo_loss(hidden, self.hf.lm_head.weight, targets, ref_chosen, ref_rejected, beta=self.beta,
                                loss_type=self.loss_type, nll_weight=self.nll_weight,
-                               chunk_size=self.kernels.ce_chunk_size, backend=self.kernels.backend)
+                               chunk_size=self.kernels.ce_chunk_size, backend=self.kernels.backend,
+                               softcap=final_softcap(self.hf))
 
     @torch.no_grad()
     def sequence_logps(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(rows,) summed log-probs of the non-ignored targets (the reference's)."""
         hidden = self.hf.model(input_ids=input_ids, use_cache=False).last_hidden_state
         return linear_logprobs(hidden, self.hf.lm_head.weight, targets, chunk_size=self.kernels.ce_chunk_size,
-                               backend=self.kernels.backend).sum(-1)
+                               backend=self.kernels.backend, softcap=final_softcap(self.hf)).sum(-1)
 
 
 class RewardModel(CausalLM):

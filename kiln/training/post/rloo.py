@@ -41,7 +41,7 @@ import torch
 
 from kiln.kernels import linear_logprobs, rloo_advantages, rloo_loss
 from kiln.training.distributed import World, all_reduce_mean
-from kiln.training.model import CausalLM
+from kiln.training.model import CausalLM, final_softcap
 from kiln.training.parallelize import ParallelConfig
 from kiln.training.post.data import IGNORE
 
@@ -73,7 +73,7 @@ class PolicyLM(CausalLM):
     def token_logps(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden = self.hf.model(input_ids=input_ids, use_cache=False).last_hidden_state
         return linear_logprobs(hidden, self.hf.lm_head.weight, targets, chunk_size=self.kernels.ce_chunk_size,
-                               backend=self.kernels.backend)
+                               backend=self.kernels.backend, softcap=final_softcap(self.hf))
 
     def forward(self, input_ids, targets, old_logps, advantages):
         logps = self.token_logps(input_ids, targets)
