@@ -18,7 +18,7 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(PY))
 export KILN_LID_MODEL := $(abspath $(LID_MODEL))
 
-.PHONY: setup demo probe post test bench faults clean
+.PHONY: setup demo probe post recipes-tiny test bench faults clean
 
 setup: $(STAMP) $(LID_MODEL)
 
@@ -98,6 +98,15 @@ post: setup $(SAMPLE)
 	$(KILN) train recipes/tiny_train.toml
 	$(KILN) train recipes/tiny_post.toml
 	$(KILN) train recipes/tiny_distill.toml
+
+# The published pipelines (recipes/<system>/), each curate -> mix -> [teacher ->] pretrain
+# -> post at --scale tiny on the demo's data (make demo first; finished parts are reused),
+# then one table of what every stage ended with (out/recipes/table.md, in the README).
+SYSTEMS := llama3 qwen2 afm gemma2 llama2
+recipes-tiny: setup
+	@test -f $(MODELS)/quality.bin || { echo "no demo models in $(MODELS): run make demo first"; exit 2; }
+	set -e; for s in $(SYSTEMS); do $(KILN) recipe run recipes/$$s --scale tiny; done
+	$(KILN) recipe table $(addprefix recipes/,$(SYSTEMS)) --scale tiny --markdown out/recipes/table.md
 
 # The tests, then the fault suite without writing its table (make faults writes it).
 test: setup

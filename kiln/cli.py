@@ -6,6 +6,8 @@
     kiln probe run PROBE.toml | report OUT           annealing probes         (kiln/probe/cli.py)
     kiln average MODEL MODEL ... --out DIR           model averaging          (kiln/training/average_cli.py)
     kiln generate --model DIR --prompts P --out OUT  sampling completions     (kiln/training/generate_cli.py)
+    kiln plan RECIPE_OR_DIR [--scale paper]          cost without training    (kiln/training/plan_cli.py)
+    kiln recipe run recipes/<system> --scale tiny    a system end to end      (kiln/recipe_cli.py)
 
 `kiln PART --help` explains each; `torchrun -m kiln.training RECIPE` trains with FSDP2.
 """
@@ -31,6 +33,8 @@ PARTS = {
     "probe": ("kiln.probe.cli", "annealing probes: does a dataset help? (paired seeds, intervals, a verdict)"),
     "average": ("kiln.training.average_cli", "average exported models (uniform or weighted): Llama 3's model averaging"),
     "generate": ("kiln.training.generate_cli", "sample completions with the chat template (batched, sharded, resumable)"),
+    "plan": ("kiln.training.plan_cli", "a recipe's parameters, tokens, FLOPs, memory per GPU and GPU-hours"),
+    "recipe": ("kiln.recipe_cli", "run a published pipeline (recipes/<system>/): curate, mix, pretrain, post"),
 }
 
 

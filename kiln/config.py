@@ -237,6 +237,44 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def apply_scale(data: dict, scale: str | None, where: str) -> dict:
+    """A recipe at a named scale: the file as written is its "paper" scale, and each
+    `[scale.<name>]` table overlays it for a smaller run (a tiny preset, the demo's data,
+    budgets divided). Tables merge key by key (`merge`); `[[stage]]` arrays are matched
+    by name, `[scale.tiny.stage.core]` overlaying the stage named "core". The result has
+    no `scale` key, so each part parses it as any recipe of its own.
+
+        [scale.tiny.model]
+        preset = "llama3-tiny"
+        [scale.tiny.stage.core]
+        tokens = 200_000
+
+    `scale` None or "paper" leaves the recipe as written; any other name must be one of
+    the recipe's scales."""
+    out = dict(data)
+    scales = out.pop("scale", {})
+    if not isinstance(scales, dict) or not all(isinstance(v, dict) for v in scales.values()):
+        raise ConfigError(f"{where}: [scale] holds one table per scale name ([scale.tiny] ...)")
+    if scale in (None, "", "paper"):
+        return out
+    if scale not in scales:
+        known = ", ".join(["paper", *scales]) if scales else "paper (the recipe has no [scale.*] tables)"
+        raise ConfigError(f"{where}: --scale {scale}: not a scale of this recipe (known: {known})")
+    overlay = dict(scales[scale])
+    stages = overlay.pop("stage", {})
+    out = merge(out, overlay)
+    if stages:
+        if not isinstance(stages, dict) or not isinstance(out.get("stage"), list):
+            raise ConfigError(f"{where}: [scale.{scale}.stage.<name>] tables overlay the recipe's [[stage]] by name")
+        names = [s.get("name") for s in out["stage"]]
+        unknown = sorted(set(stages) - set(names))
+        if unknown:
+            raise ConfigError(f"{where}: [scale.{scale}.stage.{unknown[0]}]: no [[stage]] of that name "
+                              f"(stages: {', '.join(map(str, names))})")
+        out["stage"] = [merge(s, stages.get(s.get("name"), {})) for s in out["stage"]]
+    return out
+
+
 def merge(base: dict, override: dict) -> dict:
     """`override`'s keys over `base`'s, tables merged key by key."""
     out = dict(base)

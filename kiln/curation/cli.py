@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import argparse
 
-from kiln.config import ConfigError, add_config_options, config_overrides, load_toml, merge, parse_set
+from kiln.config import (ConfigError, add_config_options, apply_scale, config_overrides, load_toml, merge,
+                         parse_set)
 from kiln.curation.classify import FastTextTrainConfig
 from kiln.curation.readers import ReadConfig
 from kiln.curation.registry import STAGES
@@ -71,6 +72,9 @@ def add_parser(sub) -> None:
                    help="one Spark pass per stage (default: consecutive per-document stages share one pass)")
     p.add_argument("--keep-intermediate", action="store_true",
                    help="write every stage's docs/ (implies --no-fuse)")
+    p.add_argument("--scale", default="paper",
+                   help="the recipe at one of its scales: \"paper\" (as written, the default) or a [scale.<name>] "
+                        "overlay such as \"tiny\" (recipes/<system>/curate.toml)")
     _overwrite_option(p)
     _set_option(p)
     p.add_argument("--master", help="Spark master for a local run (default local[*,4]: every core, 4 tries "
@@ -158,7 +162,7 @@ def recipe_for(args):
     from kiln.curation.pipeline import parse_recipe
 
     recipe_file = getattr(args, "recipe", None)
-    data = load_toml(recipe_file) if recipe_file else {}
+    data = apply_scale(load_toml(recipe_file), getattr(args, "scale", None), recipe_file) if recipe_file else {}
     data = merge(data, parse_set(args.set_values))
     data = merge(data, config_overrides(args))
     pipeline = dict(data.get("pipeline", {}))

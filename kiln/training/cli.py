@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="training recipe TOML (see recipes/tiny_train.toml and recipes/tiny_post.toml)")
     p.add_argument("--output", help="override [run] output")
     p.add_argument("--shards", help="override [run] shards")
+    p.add_argument("--init", help="override [run] init (the model directory the first stage starts from)")
+    p.add_argument("--scale", default="paper",
+                   help="the recipe at one of its scales: \"paper\" (as written, the default) or a [scale.<name>] "
+                        "overlay such as \"tiny\" (recipes/<system>/)")
     p.add_argument("--no-resume", action="store_true",
                    help="start unfinished stages from scratch instead of their newest complete checkpoint")
 
@@ -35,11 +39,13 @@ def run(args) -> int:
     from kiln.training import recipe as recipes
     from kiln.training.train import RunOptions, train
 
-    recipe = recipes.load(args.recipe)
+    recipe = recipes.load(args.recipe, args.scale)
     if args.output:
         recipe.run.output = args.output
     if args.shards:
         recipe.run.shards = args.shards
+    if args.init:
+        recipe.run.init = args.init
     train(recipe, RunOptions(resume=not args.no_resume))
     return 0
 

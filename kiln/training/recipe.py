@@ -9,6 +9,8 @@ of the last checkpoints).
     [kernels]    backend = "auto" | "reference" | "liger" (kiln.kernels.KernelsConfig)
     [optimizer]  lr is per stage; betas, weight decay, clipping here   (OptimizerConfig)
     [[stage]]    name, mixture, tokens, seq_len, batch_size, schedule, ...   (StageConfig)
+    [plan]       gpu, gpus, mfu, the report's published figures: `kiln plan` only (PlanConfig)
+    [scale.X]    overlays for a smaller run: `--scale tiny` (kiln.config.apply_scale)
 
 A stage's `kind` is "pretrain" (the default: token shards and a mixture) or a
 post-training kind (kiln.training.post): "sft", "reward" and "dpo" (`data = PATH`,
@@ -35,7 +37,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from kiln.config import ConfigError, from_dict, load_toml
+from kiln.config import ConfigError, apply_scale, from_dict, load_toml
 from kiln.kernels import KernelsConfig
 from kiln.training.model import ModelConfig
 from kiln.training.parallelize import ParallelConfig
@@ -132,6 +134,18 @@ class StageConfig:
 
 
 @dataclass
+class PlanConfig:
+    gpu: str = "H100"  # kiln plan: the GPU the run is sized for (H100, H200, A100, ...: kiln.training.metrics.PEAK_FLOPS)
+    gpus: int = 8  # kiln plan: FSDP2 ranks (data-parallel GPUs) the run shards over
+    mfu: float = 0.4  # kiln plan: model FLOPs utilisation assumed for GPU-hours (Llama 3 405B: 38-43 %)
+    teacher_preset: str = ""  # kiln plan: a distill stage's teacher as a preset, when the teacher is not built yet
+    published_flops: float = 0.0  # the report's training compute, printed beside kiln's total (0 = none given)
+    published_gpu_hours: float = 0.0  # the report's GPU-hours (0 = none given)
+    published_tokens: float = 0.0  # the report's training tokens (0 = none given)
+    source: str = ""  # where the published figures come from
+
+
+@dataclass
 class Recipe:
     run: RunConfig
     model: ModelConfig
@@ -140,6 +154,7 @@ class Recipe:
     stages: list[StageConfig]
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     rounds: RoundsConfig | None = None
+    plan: PlanConfig = field(default_factory=PlanConfig)
     path: str = ""
 
 
@@ -160,7 +175,7 @@ DISTILL_LOSSES = ("kl", "top1_mix", "jsd")
 
 
 def parse(data: dict, where: str = "recipe") -> Recipe:
-    known = {"run", "model", "parallel", "optimizer", "kernels", "stage", "rounds"}
+    known = {"run", "model", "parallel", "optimizer", "kernels", "stage", "rounds", "plan"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown section [{unknown[0]}] (known: {', '.join(sorted(known))})")
@@ -177,6 +192,7 @@ def parse(data: dict, where: str = "recipe") -> Recipe:
         optimizer=from_dict(OptimizerConfig, data.get("optimizer", {}), f"{where}: [optimizer]"),
         kernels=from_dict(KernelsConfig, data.get("kernels", {}), f"{where}: [kernels]"),
         stages=[from_dict(StageConfig, s, f"{where}: [[stage]] #{i + 1}") for i, s in enumerate(stages_raw)],
+        plan=from_dict(PlanConfig, data.get("plan", {}), f"{where}: [plan]"),
         path=where,
     )
     if "rounds" in data:
@@ -233,6 +249,10 @@ def _check_pretrain(s: StageConfig, at: str) -> None:
         raise ConfigError(f"{at}: blend_ratio must be in (0, 1) with a blend, got {s.blend_ratio}")
     if s.tokens <= 0:
         raise ConfigError(f"{at}: tokens must be > 0 (the stage's token budget)")
+    first = s.batch_ramp[0][1] if s.batch_ramp and s.batch_ramp[0][0] <= 0 else s.batch_size
+    if s.tokens < first * s.seq_len:
+        raise ConfigError(f"{at}: tokens {s.tokens:,} is less than one step (batch_size {first} x seq_len "
+                          f"{s.seq_len}): the stage would take zero steps")
 
 
 def _check_post(s: StageConfig, at: str) -> None:
@@ -372,8 +392,11 @@ def round_of(name: str, rounds: RoundsConfig | None) -> int:
     return int(k) if base in rounds.stages and k.isdigit() else 0
 
 
-def load(path: str) -> Recipe:
-    return parse(load_toml(path), where=str(path))
+def load(path: str, scale: str | None = None) -> Recipe:
+    """The recipe file at `scale` (None or "paper": as written; else its [scale.<name>]
+    overlay, kiln.config.apply_scale)."""
+    where = str(path) if scale in (None, "", "paper") else f"{path} (scale {scale})"
+    return parse(apply_scale(load_toml(path), scale, str(path)), where=where)
 
 
 def batch_size_at(stage: StageConfig, tokens_seen: int) -> int:

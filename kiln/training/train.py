@@ -39,7 +39,8 @@ from kiln.training.data import TOKENIZER_FILE, DataConfig, MixtureSampler, Token
 from kiln.training.distributed import World, all_reduce_mean, barrier, init_distributed
 from kiln.training.metrics import (MetricsLogger, Throughput, eta, flops_per_token, peak_flops, peak_memory_gb,
                                   truncate_metrics)
-from kiln.training.model import CausalLM, ModelConfig, build_model, num_params, resolve, save_hf, set_rope_theta
+from kiln.training.model import (CausalLM, ModelConfig, attention_width, build_model, num_params, resolve, save_hf,
+                                 set_rope_theta)
 from kiln.training.parallelize import autocast, parallelize
 from kiln.training.recipe import POLICY_KINDS, Recipe, StageConfig, batch_size_at, lr_at, round_of
 from kiln.training.validate import Validator
@@ -315,6 +316,7 @@ def rounds_summary(run: Run, round_policies: dict[int, str]) -> None:
 
 
 def start_run(recipe: Recipe, options: RunOptions) -> Run:
+    check_model_refs(recipe)
     world = init_distributed()
     torch.manual_seed(recipe.run.seed)
     source = TokenSource(recipe.run.shards, recipe.run.val_fraction, extra=recipe.run.extra_shards) \
@@ -328,6 +330,27 @@ def start_run(recipe: Recipe, options: RunOptions) -> Run:
     log.print(f"kiln train {recipe.path}: {len(recipe.stages)} stage(s), {world.size} process(es) on {world.device}")
     log.print("resolved model: " + json.dumps(dataclasses.asdict(model_cfg)))
     return Run(recipe, options, world, source, model_cfg, tokenizer, log)
+
+
+def check_model_refs(recipe: Recipe) -> None:
+    """Every model a stage names that is not an earlier stage of the recipe (`[run] init`,
+    `from`, `teacher`, `reward`, `committee`) is a model directory now, before the first
+    stage spends hours: a teacher that is not built yet is an error naming the key."""
+    def check(at: str, ref: str, earlier: list[str]) -> None:
+        if ref and ref not in earlier and not os.path.isfile(os.path.join(ref, "config.json")):
+            what = "does not exist" if not os.path.exists(ref) else "holds no config.json"
+            raise ConfigError(f"{recipe.path}: {at}: {ref} {what}; it is neither an earlier stage of this recipe "
+                              f"nor a model directory (build it first, or name the stage that makes it)")
+
+    check("[run] init", recipe.run.init, [])
+    for i, s in enumerate(recipe.stages):
+        earlier = [t.name for t in recipe.stages[:i]]
+        at = f"[[stage]] {s.name}"
+        check(f"{at} from", s.start_from, earlier)
+        check(f"{at} teacher", s.teacher, earlier)
+        for key in ("reward", "committee"):
+            for ref in getattr(s, key):
+                check(f"{at} {key}", ref, earlier)
 
 
 def tokenizer_vocab(recipe: Recipe) -> int:
@@ -469,7 +492,7 @@ def start_bookkeeping(run: Run, cfg: StageConfig, paths: StagePaths, model, opti
             json.dump(resolved, f, indent=2)
         truncate_metrics(paths.metrics, state.step)  # the steps after the checkpoint are logged again
     metrics = MetricsLogger(paths.metrics, world.main, paths.tensorboard if run.recipe.run.tensorboard else "")
-    meter = Throughput(flops_per_token(num_params(model.hf), run.model_cfg.num_layers, run.model_cfg.hidden_size,
+    meter = Throughput(flops_per_token(num_params(model.hf), run.model_cfg.num_layers, attention_width(run.model_cfg),
                                        cfg.seq_len), peak_flops(world.device), world.size)
     return state, metrics, meter
 
