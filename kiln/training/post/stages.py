@@ -33,7 +33,6 @@ from kiln.training.parallelize import ParallelConfig, autocast
 from kiln.training.post.data import (ChatTokenizer, PairSampler, SFTSampler, pair_batch, read_pairs, read_sft,
                                      split)
 
-POST_KINDS = ("sft", "reward", "dpo", "rloo")
 REF_CACHE = "ref_logps.safetensors"
 DATA_REPORT = "data_report.json"
 
