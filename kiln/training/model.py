@@ -74,8 +74,12 @@ def resolve(cfg: ModelConfig, vocab_size: int = 0, where: str = "[model]") -> Mo
     if cfg.preset:
         if cfg.preset not in PRESETS:
             raise ConfigError(f"{where} preset: unknown {cfg.preset!r} (known: {', '.join(PRESETS)})")
+        # The keys a recipe's [model] table gave (kiln.training.recipe.parse records them)
+        # win over the preset even at a field's default value (rope_theta = 10000 on a
+        # preset whose base is 1e6); without that record, a field at its default is unset.
+        given = getattr(cfg, "given_keys", None)
         for key, value in PRESETS[cfg.preset].items():
-            if values[key] == getattr(base, key):  # not set explicitly
+            if (key not in given) if given is not None else values[key] == getattr(base, key):
                 values[key] = value
     out = ModelConfig(**values)
     if not out.vocab_size:

@@ -195,6 +195,7 @@ def parse(data: dict, where: str = "recipe") -> Recipe:
         plan=from_dict(PlanConfig, data.get("plan", {}), f"{where}: [plan]"),
         path=where,
     )
+    recipe.model.given_keys = frozenset(data.get("model", {}))  # explicit [model] keys beat the preset's
     if "rounds" in data:
         recipe.rounds = from_dict(RoundsConfig, data["rounds"], f"{where}: [rounds]")
         recipe.stages = expand_rounds(recipe.stages, recipe.rounds, where)

@@ -157,3 +157,12 @@ def test_each_system_curation_resolves_at_both_scales(system, scale):
     if scale == "tiny":
         assert recipe.pipeline.input == ["data/sample.warc.gz"]
         assert recipe.pipeline.output == f"out/recipes/{system.name}/curate"
+
+
+def test_a_model_key_at_its_default_value_still_overrides_the_preset(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text((ROOT / "recipes/qwen2/pretrain.toml").read_text().replace(
+        'preset = "qwen2-72b"', 'preset = "qwen2-72b"\nrope_theta = 10000.0', 1))
+    model = resolve(recipes.load(str(path)).model)
+    assert model.rope_theta == 10_000.0 and model.hidden_size == 8192  # the preset's own base is 1,000,000
+    assert resolve(ModelConfig(preset="qwen2-72b", rope_theta=10_000.0)).rope_theta == 1_000_000.0
