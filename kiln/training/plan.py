@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from kiln.config import ConfigError
 from kiln.training.metrics import PEAK_FLOPS
-from kiln.training.model import ModelConfig, hf_config, resolve
+from kiln.training.model import ModelConfig, build_model, resolve
 from kiln.training.recipe import Recipe, StageConfig, batch_size_at, load
 
 # Memory of the GPUs PEAK_FLOPS names, GiB.
@@ -63,12 +63,8 @@ class Shape:
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> Shape:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        config = hf_config(cfg)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        model = build_model(cfg, device="meta")  # no memory: shapes only
+        config = model.config
         total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
         embedding = model.get_input_embeddings().weight.numel()
         tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -124,10 +120,9 @@ class Plan:
 
     def total(self) -> dict:
         known = [s for s in self.stages if s.flops is not None]
-        flops = sum(s.flops for s in known)
+        gpu_hours = sum(s.gpu_hours for s in known)
         return {"params": max(s.params for s in self.stages), "tokens": sum(s.tokens or 0 for s in self.stages),
-                "flops": flops, "gpu_hours": sum(s.gpu_hours or 0 for s in known),
-                "days": sum(s.gpu_hours or 0 for s in known) / self.gpus / 24,
+                "flops": sum(s.flops for s in known), "gpu_hours": gpu_hours, "days": gpu_hours / self.gpus / 24,
                 "stages_without_a_budget": [s.name for s in self.stages if s.flops is None]}
 
     def to_json(self) -> dict:
@@ -172,10 +167,6 @@ def teacher_shape(recipe: Recipe, i: int, student: ModelConfig, shapes: dict) ->
     return None
 
 
-def stage_tokens(s: StageConfig) -> int | None:
-    return s.tokens if s.tokens > 0 else None
-
-
 def plan_stage(recipe: Recipe, i: int, shape: Shape, teacher: Shape | None, gpus: int, peak: float,
                mfu: float, gpu_memory: float) -> StagePlan:
     s = recipe.stages[i]
@@ -195,7 +186,7 @@ def plan_stage(recipe: Recipe, i: int, shape: Shape, teacher: Shape | None, gpus
             notes.append("teacher logits precomputed (teacher_cache): their one forward pass is not counted")
     elif s.kind in ("rejection_sampling", "rloo"):
         notes.append("generation cost depends on the prompts: set tokens to budget it")
-    tokens = stage_tokens(s) if s.kind != "rejection_sampling" else None
+    tokens = s.tokens if s.tokens > 0 and s.kind != "rejection_sampling" else None
     if tokens is None and s.kind != "rejection_sampling":
         notes.append(f"epochs = {s.epochs:g} over the data: tokens set by the dataset")
     flops = per_token * tokens if tokens is not None else None
@@ -218,8 +209,7 @@ def plan_stage(recipe: Recipe, i: int, shape: Shape, teacher: Shape | None, gpus
 def memory_gib(recipe: Recipe, s: StageConfig, shape: Shape, gpus: int) -> dict:
     """Bytes per GPU under FSDP2 over `gpus` ranks (module docstring), in GiB."""
     dtype_bytes = 2 if recipe.parallel.mixed_precision == "bf16" else 4
-    final_batch = batch_size_at(s, max(s.tokens, 0)) if s.batch_ramp else s.batch_size
-    micro = s.micro_batch_size or max(1, math.ceil(final_batch / gpus))
+    micro = s.micro_batch_size or max(1, math.ceil(batch_size_at(s, s.tokens) / gpus))  # the ramp's last batch
     tokens = micro * s.seq_len
     if s.kind == "dpo":
         tokens *= 2  # a micro-batch of pairs: chosen and rejected rows
