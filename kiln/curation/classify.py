@@ -262,6 +262,9 @@ class QualityStage(Stage):
     def output_fields(self) -> list[pa.Field]:
         return [pa.field(schema.QUALITY_SCORE, pa.float32())]
 
+    def open(self) -> None:
+        load_once(self._shipped, load_fasttext)
+
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         texts = batch.column(schema.TEXT).to_pylist()
         empty = [is_blank(t) for t in texts]
@@ -394,6 +397,16 @@ class DomainStage(Stage):
         if self.topics:
             fields.append(pa.field(schema.TOPIC, pa.string()))
         return fields
+
+    def open(self) -> None:
+        if self.model:
+            load_once(self._shipped, load_fasttext)
+        else:
+            from kiln.curation.scorer import worker_scorer
+
+            worker_scorer(self._shipped)
+        if self._shipped_topics:
+            load_once(self._shipped_topics, load_fasttext)
 
     def _classify(self, texts: list[str]) -> tuple[list[str], list[float]]:
         if not texts:

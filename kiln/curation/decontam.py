@@ -220,6 +220,9 @@ class DecontamStage(Stage):
             out.append([s.name for i, s in enumerate(self.sets) if mask >> i & 1])
         return out
 
+    def open(self) -> None:
+        _ = self.table  # the broadcast index (or the index built here), read once per worker
+
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         texts = batch.column(schema.TEXT).to_pylist()
         matched = self.contaminated_by(texts)

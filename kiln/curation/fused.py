@@ -45,7 +45,8 @@ from kiln.formats.stats import StageStats
 
 STAGE_COLUMN = "_kiln_stage"  # the index in the group of the stage that dropped a row (a partition column)
 STATS_DIR = "_fused_stats"
-TIMES = ("seconds", "cpu_seconds", "input_seconds", "input_cpu_seconds")  # a partition's count file's clocks
+TIMES = ("seconds", "cpu_seconds", "input_seconds", "input_cpu_seconds", "setup_seconds",
+         "setup_cpu_seconds")  # a partition's count file's clocks
 DEFAULT = "__HIVE_DEFAULT_PARTITION__"
 
 
@@ -87,6 +88,7 @@ class FusedGroup:
 
         ctx = TaskContext.get()
         counts = [_Counts() for _ in self.stages]
+        self._open(counts)
         pending: list[pa.RecordBatch] = []
         stream = self._timed_input(batches, counts[0])
         for k, stage in enumerate(self.stages):
@@ -99,6 +101,20 @@ class FusedGroup:
         yield from pending
         if ctx is not None:
             self._write_counts(ctx.partitionId(), ctx.attemptNumber(), counts)
+
+    def _open(self, counts) -> None:
+        """Each stage's per-worker set-up (`Stage.open`: loading a model), timed apart
+        from its per-document work; a worker's first task pays it, later ones find it
+        loaded. The first stage's also holds the worker's Arrow warm-up: pyarrow imports
+        pandas at its first conversion of Python objects (about 0.4 CPU seconds), which
+        would otherwise land in whichever stage converts first."""
+        start = _clock()
+        pa.array([0])
+        counts[0].setup.add(start)
+        for stage, c in zip(self.stages, counts):
+            start = _clock()
+            stage.open()
+            c.setup.add(start)
 
     @staticmethod
     def _timed_input(batches, counts):
@@ -180,6 +196,7 @@ class _Counts:
         self.last_dropped = 0
         self.time = _Time()  # producing this stage's output, upstream stages included
         self.input = _Time()  # the first stage's: receiving the group's input batches
+        self.setup = _Time()  # Stage.open: per-worker set-up before the first batch
 
     def add(self, stage: Stage, out: pa.RecordBatch, with_metrics: bool) -> None:
         """Vectorised (Arrow compute, as Spark's octet_length and length count): these
@@ -206,7 +223,8 @@ class _Counts:
         return {"rows": self.rows, "kept": self.kept, "bytes_in": self.bytes_in, "bytes_kept": self.bytes_kept,
                 "chars_kept": self.chars_kept, "dropped": dict(self.dropped), "metrics": dict(self.metrics),
                 "seconds": self.time.wall, "cpu_seconds": self.time.cpu, "input_seconds": self.input.wall,
-                "input_cpu_seconds": self.input.cpu}
+                "input_cpu_seconds": self.input.cpu, "setup_seconds": self.setup.wall,
+                "setup_cpu_seconds": self.setup.cpu}
 
 
 def run_group(spark, stages: list[Stage], df, out_dirs: list[str], write_dropped: bool, fingerprints: list[str],
@@ -290,6 +308,8 @@ def run_group(spark, stages: list[Stage], df, out_dirs: list[str], write_dropped
                 stats.extra[f"input_{key}"] = round(value, 3)
         for key, value in upstream.items():
             stats.extra[f"task_{key}"] = round(counts[k][key] - value, 3)
+        for key in ("seconds", "cpu_seconds"):  # Stage.open in each worker, apart from the task time
+            stats.extra[f"setup_{key}"] = round(counts[k][f"setup_{key}"], 3)
         upstream = {key: counts[k][key] for key in ("seconds", "cpu_seconds")}
         stats.extra["fingerprint"] = fingerprint
         stats.extra["settings"] = stage.settings()

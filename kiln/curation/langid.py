@@ -84,6 +84,9 @@ class LangIdStage(Stage):
         langs = [lab[0].removeprefix("__label__") if lab else None for lab in labels]
         return langs, [float(s[0]) if len(s) else 0.0 for s in scores]
 
+    def open(self) -> None:
+        load_once(self._shipped_name, load_fasttext)
+
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         texts = batch.column(schema.TEXT).to_pylist()
         langs, scores = self.predict(texts)

@@ -51,6 +51,11 @@ class Stage:
         """Input columns this stage does not pass on (the extract stage's raw HTML)."""
         return []
 
+    def open(self) -> None:
+        """Per-worker set-up before the first batch: load the stage's model or index the
+        way `process` will (`load_once`, so later calls are free). A fused group times
+        it apart (`setup_seconds`), so a stage's task time is its per-document cost."""
+
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         raise NotImplementedError
 

@@ -57,7 +57,8 @@ def outputs(out: Path) -> dict:
     result = {}
     for d in sorted(p for p in out.iterdir() if p.is_dir()):
         stats = json.loads((d / "stats.json").read_text())
-        for key in ("seconds", "fused", "task_seconds", "input_seconds", "task_cpu_seconds", "input_cpu_seconds"):
+        for key in ("seconds", "fused", "task_seconds", "input_seconds", "task_cpu_seconds", "input_cpu_seconds",
+                    "setup_seconds", "setup_cpu_seconds"):
             stats["extra"].pop(key, None)
         dropped = read_dropped(d) if stats["dropped"] else None
         result[d.name] = {
@@ -93,6 +94,28 @@ def test_fused_runs_give_the_unfused_outputs_and_stats(spark, warc, eval_set, un
     assert decontam["extra"]["metrics"]["contaminated_quotes"] > 0
     stats = json.loads((out / "02_langid" / "stats.json").read_text())
     assert stats["extra"]["fused"] == ["extract", "langid", "filter"]
+    assert {"task_cpu_seconds", "setup_cpu_seconds", "setup_seconds"} <= set(stats["extra"])
+
+
+def test_stage_open_loads_the_model_before_the_first_batch_and_is_timed_apart(tmp_path):
+    """A fused group calls each stage's `open` before any batch (langid: its fastText
+    model, through load_once) and books that time as the stage's set-up, not its task."""
+    import pyarrow as pa
+
+    from kiln.curation import spark as kiln_spark
+    from kiln.curation.fused import FusedGroup, _Counts
+    from kiln.curation.langid import LangIdStage
+
+    stage = LangIdStage()
+    kiln_spark._LOADED.clear()
+    group = FusedGroup([stage], pa.schema([("id", pa.string()), ("text", pa.string())]), str(tmp_path))
+    counts = [_Counts()]
+    group._open(counts)
+    assert [key[1] for key in kiln_spark._LOADED] == [stage._shipped_name]
+    assert counts[0].setup.cpu > 0 and counts[0].time.cpu == 0
+    loaded = dict(kiln_spark._LOADED)
+    group._open(counts)  # a later task of the same worker finds it loaded
+    assert kiln_spark._LOADED == loaded
 
 
 def test_a_killed_worker_is_retried_with_identical_results(spark, warc, eval_set, unfused, tmp_path,  # noqa: F811

@@ -82,6 +82,9 @@ class ScorerStage(Stage):
         for batch in batches:
             yield self.process(batch)
 
+    def open(self) -> None:
+        worker_scorer(self._shipped, self.cfg.device, self.cfg.batch_size, self.cfg.max_chars)
+
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         scorer = worker_scorer(self._shipped, self.cfg.device, self.cfg.batch_size, self.cfg.max_chars)
         texts = batch.column(schema.TEXT).to_pylist()
