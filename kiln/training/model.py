@@ -81,6 +81,9 @@ def resolve(cfg: ModelConfig, vocab_size: int = 0, where: str = "[model]") -> Mo
         for key, value in PRESETS[cfg.preset].items():
             if (key not in given) if given is not None else values[key] == getattr(base, key):
                 values[key] = value
+        # Applied: every field now says what it is, so a resolved config read back from a
+        # checkpoint or copied (a probe's base) resolves to itself, explicit keys and all.
+        values["preset"] = ""
     out = ModelConfig(**values)
     if not out.vocab_size:
         if not vocab_size:

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from kiln.cli import main
-from kiln.config import ConfigError, apply_scale, load_toml
+from kiln.config import ConfigError, apply_scale, from_dict, load_toml
 from kiln.training import recipe as recipes
 from kiln.training.model import ModelConfig, count_params, resolve
 from kiln.training.plan import Shape, memory_gib, plan_recipes
@@ -165,4 +166,6 @@ def test_a_model_key_at_its_default_value_still_overrides_the_preset(tmp_path):
         'preset = "qwen2-72b"', 'preset = "qwen2-72b"\nrope_theta = 10000.0', 1))
     model = resolve(recipes.load(str(path)).model)
     assert model.rope_theta == 10_000.0 and model.hidden_size == 8192  # the preset's own base is 1,000,000
+    # a resolved config, as a checkpoint stores it and a probe reads it back, resolves to itself
+    assert resolve(from_dict(ModelConfig, dataclasses.asdict(model), "checkpoint")) == model
     assert resolve(ModelConfig(preset="qwen2-72b", rope_theta=10_000.0)).rope_theta == 1_000_000.0

@@ -82,11 +82,14 @@ class ScorerStage(Stage):
         for batch in batches:
             yield self.process(batch)
 
+    def _scorer(self) -> Scorer:
+        return worker_scorer(self._shipped, self.cfg.device, self.cfg.batch_size, self.cfg.max_chars)
+
     def open(self) -> None:
-        worker_scorer(self._shipped, self.cfg.device, self.cfg.batch_size, self.cfg.max_chars)
+        self._scorer()
 
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        scorer = worker_scorer(self._shipped, self.cfg.device, self.cfg.batch_size, self.cfg.max_chars)
+        scorer = self._scorer()
         texts = batch.column(schema.TEXT).to_pylist()
         judged = in_languages(batch, self.cfg.languages)
         scores = [None if np.isnan(s) else float(s)
